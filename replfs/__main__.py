@@ -1,0 +1,5 @@
+import sys
+
+from replfs.cli import main
+
+sys.exit(main())

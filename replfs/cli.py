@@ -1,0 +1,292 @@
+"""The ``replfs`` command.
+
+Mount commands (``primary``, ``secondary``) check their input, then start the
+daemon as a child process running in the foreground (``-f``) and wait on a
+pipe until it says "ready" or why it could not start; so without ``-f`` the
+command returns, exit 0, once the mount is live and replication is set up.
+
+Action commands write to the control files; ``status`` reads the status file.
+Every error is one line on stderr, ``replfs: ...``, with exit status 2 for bad
+input and 1 for a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+
+from replfs.errors import ReplfsError, UsageError
+
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+
+# -- parsing and checking input ------------------------------------------------
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"{what}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_disks(specs: list[str]) -> list[tuple[str, str]]:
+    disks: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for spec in specs:
+        name, sep, image = spec.partition("=")
+        if not sep or not name or not image:
+            raise UsageError(f"--disk: expected NAME=IMAGE, got {spec!r}")
+        if "/" in name or name.startswith(".") or "\0" in name or len(name.encode()) > 255:
+            raise UsageError(f"--disk {spec}: the name must not contain '/' or start with '.'")
+        if name in seen:
+            raise UsageError(f"--disk {spec}: duplicate disk name {name!r}")
+        seen.add(name)
+        check_image(image)
+        disks.append((name, os.path.abspath(image)))
+    if not disks:
+        raise UsageError("at least one --disk NAME=IMAGE is needed")
+    return disks
+
+
+def check_image(image: str) -> None:
+    try:
+        st = os.stat(image)
+    except OSError as exc:
+        raise UsageError(f"image {image}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"image {image}: is a directory, not a raw image file")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise UsageError(f"image {image}: not a regular file or block device")
+    if not os.access(image, os.R_OK | os.W_OK):
+        raise UsageError(f"image {image}: not readable and writable")
+
+
+def check_mountpoint(mount: str) -> None:
+    if not os.path.isdir(mount):
+        raise UsageError(f"mountpoint {mount}: not a directory")
+    if os.path.ismount(mount):
+        raise UsageError(f"mountpoint {mount}: something is already mounted there")
+    if os.listdir(mount):
+        raise UsageError(f"mountpoint {mount}: not empty")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="replfs",
+        description="Replicated VM disks (COLO block replication) served as files through FUSE.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def mount_args(sp):
+        sp.add_argument("mount", metavar="MOUNT", help="an empty directory")
+        sp.add_argument("--disk", action="append", default=[], metavar="NAME=IMAGE",
+                        help="a raw image served as MOUNT/NAME (repeatable)")
+        sp.add_argument("-f", "--foreground", action="store_true",
+                        help="stay in the foreground (logs on stderr)")
+        sp.add_argument("--log", metavar="FILE",
+                        help="log file of the background daemon "
+                             "(default: /tmp/replfs-ROLE-MOUNTNAME.log)")
+        sp.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="how long a write waits for the peer (default 5)")
+        sp.add_argument("--inject-faults", metavar="SPEC", help=argparse.SUPPRESS)
+        sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+        sp.add_argument("-v", "--verbose", action="store_true")
+
+    sp = sub.add_parser("secondary", help="mount the secondary side (NBD server + view)")
+    mount_args(sp)
+    sp.add_argument("--listen", required=True, metavar="HOST:PORT",
+                    help="where the primary connects (port 0 picks a free one)")
+    sp.add_argument("--workdir", metavar="DIR",
+                    help="where the hidden and active overlays live (default: a new "
+                         "hidden directory next to the first image, removed at exit)")
+    sp.add_argument("--cluster-size", type=int, default=64 * 1024, help=argparse.SUPPRESS)
+
+    sp = sub.add_parser("primary", help="mount the primary side (replicates to a secondary)")
+    mount_args(sp)
+    sp.add_argument("--secondary", required=True, metavar="HOST:PORT",
+                    help="the secondary's --listen address")
+
+    for action, text in (("checkpoint", "run a checkpoint"),
+                         ("failover", "fail over"),
+                         ("stop", "stop replication in an orderly way")):
+        sp = sub.add_parser(action, help=f"{text} (echo 1 > MOUNT/.replfs/{action})")
+        sp.add_argument("mount", metavar="MOUNT")
+
+    sp = sub.add_parser("status", help="show the state of a mount")
+    sp.add_argument("mount", metavar="MOUNT")
+    sp.add_argument("--json", action="store_true", help="print MOUNT/.replfs/status as is")
+
+    sp = sub.add_parser("demo", help="run the demo: both sides on loopback, scratch images")
+    sp.add_argument("--dir", help="scratch directory (default: a new temporary one)")
+    sp.add_argument("--size", default="64M", help="disk size (default 64M)")
+    return p
+
+
+# -- commands ------------------------------------------------------------------
+def cmd_mount(args) -> int:
+    args.role = args.command
+    args.disks = parse_disks(args.disk)
+    check_mountpoint(args.mount)
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    if args.role == "secondary":
+        args.listen = parse_hostport(args.listen, "--listen")
+        cs = args.cluster_size
+        if cs < 512 or cs & (cs - 1):
+            raise UsageError("--cluster-size must be a power of two >= 512")
+        if args.workdir is not None and os.path.exists(args.workdir) and \
+                not os.path.isdir(args.workdir):
+            raise UsageError(f"--workdir {args.workdir}: not a directory")
+    else:
+        args.secondary = parse_hostport(args.secondary, "--secondary")
+    args.mount = os.path.abspath(args.mount)
+    if args.foreground:
+        return run_foreground(args)
+    return spawn_background(args)
+
+
+def run_foreground(args) -> int:
+    from replfs import daemon
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"%(asctime)s replfs-{args.role}[%(process)d] %(name)s: %(message)s")
+    fd = args.ready_fd
+
+    def ready(info):
+        msg = f"ready {info or ''}".strip()
+        if fd is not None:
+            os.write(fd, msg.encode() + b"\n")
+            os.close(fd)
+        else:
+            extra = f", NBD on {info}" if info else ""
+            print(f"replfs: {args.role} mounted on {args.mount}{extra}",
+                  file=sys.stderr, flush=True)
+
+    try:
+        daemon.run(args, ready)
+    except (ReplfsError, OSError) as exc:
+        text = str(exc) if isinstance(exc, ReplfsError) else f"{exc.strerror}: {exc.filename}"
+        if fd is not None:
+            try:
+                os.write(fd, f"error {text}\n".encode())
+            except OSError:
+                pass
+        print(f"replfs: {text}", file=sys.stderr)
+        return EXIT_FAIL
+    return 0
+
+
+def spawn_background(args) -> int:
+    log_path = args.log or f"/tmp/replfs-{args.role}-{os.path.basename(args.mount)}.log"
+    argv = [sys.executable, "-m", "replfs", *args.argv, "-f"]
+    rfd, wfd = os.pipe()
+    argv += ["--ready-fd", str(wfd)]
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                pass_fds=(wfd,), start_new_session=True, close_fds=True)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as r:
+        line = r.readline().decode(errors="replace").strip()
+    if line.startswith("ready"):
+        info = line[len("ready"):].strip()
+        extra = f", NBD on {info}" if info else ""
+        print(f"replfs: {args.role} mounted on {args.mount}{extra} "
+              f"(pid {proc.pid}, log {log_path})")
+        return 0
+    proc.wait()
+    if line.startswith("error "):
+        print(f"replfs: {line[6:]}", file=sys.stderr)
+    else:
+        print(f"replfs: the daemon exited with status {proc.returncode} before the "
+              f"mount was ready; see {log_path}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def control_path(mount: str, name: str) -> str:
+    path = os.path.join(mount, ".replfs", name)
+    if not os.path.exists(path):
+        raise UsageError(f"{mount}: not a replfs mount")
+    return path
+
+
+def read_status(mount: str) -> dict:
+    with open(control_path(mount, "status"), "rb") as f:
+        return json.loads(f.read())
+
+
+def cmd_action(args) -> int:
+    path = control_path(args.mount, args.command)
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, b"1\n")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        reason = None
+        try:
+            reason = read_status(args.mount).get("last_error")
+        except (OSError, ValueError):
+            pass
+        print(f"replfs: {args.command} failed: {reason or os.strerror(exc.errno)}",
+              file=sys.stderr)
+        return EXIT_FAIL
+    st = read_status(args.mount)
+    print(f"replfs: {args.command} done; state {st['state']}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    if args.json:
+        with open(control_path(args.mount, "status"), "rb") as f:
+            sys.stdout.write(f.read().decode())
+        return 0
+    st = read_status(args.mount)
+    peer = "connected" if st.get("peer_connected") else "not connected"
+    where = st.get("listen") or st.get("secondary") or ""
+    print(f"{st['role']} {args.mount}: {st['state']}, peer {peer}"
+          f"{' (' + where + ')' if where else ''}, {st['checkpoints']} checkpoints")
+    if st.get("last_error"):
+        print(f"  last error: {st['last_error']}")
+    for name, d in st.get("disks", {}).items():
+        print(f"  {name}: {d['size']} bytes, image {d['image']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv)
+    try:
+        if args.command in ("primary", "secondary"):
+            return cmd_mount(args)
+        if args.command in ("checkpoint", "failover", "stop"):
+            return cmd_action(args)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "demo":
+            from replfs.demo import run_demo
+            return run_demo(args)
+    except UsageError as exc:
+        print(f"replfs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ReplfsError as exc:
+        print(f"replfs: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as exc:
+        print(f"replfs: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Shared test helpers: pattern bytes, image files, and real replfs mounts.
+
+Pattern bytes name the writer, as QEMU's test-replication does:
+0x11 the secondary's base (and the initial content of both images),
+0x22 the primary VM, 0x33 the secondary VM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+BASE, PRIMARY, SECONDARY_VM = 0x11, 0x22, 0x33
+MiB = 1 << 20
+
+
+def have_fuse() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "no fusermount3 (Debian package fuse3)"
+    if os.geteuid() != 0:
+        return "mount tests need root"
+    return None
+
+
+def make_image(path, size: int, byte: int = BASE) -> str:
+    with open(path, "wb") as f:
+        chunk = bytes([byte]) * min(size, 4 * MiB)
+        left = size
+        while left:
+            n = min(left, len(chunk))
+            f.write(chunk[:n])
+            left -= n
+    return str(path)
+
+
+def pread(path, off: int, n: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def pwrite(path, off: int, data: bytes, fsync: bool = False) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, data, off) == len(data)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_all(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def replfs_cmd(*argv, check=True, timeout=60) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "replfs", *map(str, argv)],
+                       capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"replfs {' '.join(map(str, argv))} -> {r.returncode}\n"
+                             f"{r.stdout}{r.stderr}")
+    return r
+
+
+class Mount:
+    """One running replfs daemon, mounted in the background by the real CLI."""
+
+    def __init__(self, path, log) -> None:
+        self.path = str(path)
+        self.log = str(log)
+        self.pid: int | None = None
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def ctl(self, name: str) -> str:
+        return os.path.join(self.path, ".replfs", name)
+
+    def status(self) -> dict:
+        with open(self.ctl("status"), "rb") as f:
+            return json.loads(f.read())
+
+    def action(self, name: str, value: bytes = b"1\n") -> None:
+        fd = os.open(self.ctl(name), os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, value)
+        finally:
+            os.close(fd)
+
+    def alive(self) -> bool:
+        if self.pid is None:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        # a zombie is not alive; the daemon is not our child, so check /proc
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    def wait_exit(self, timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def unmount(self, timeout: float = 20) -> None:
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", self.path], capture_output=True)
+        if not self.wait_exit(timeout):
+            self.kill(signal.SIGKILL)
+            self.wait_exit(5)
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+
+class Pair:
+    """A secondary and a primary on 127.0.0.1, each a real mount."""
+
+    def __init__(self, tmp_path) -> None:
+        self.tmp = tmp_path
+        self.mounts: list[Mount] = []
+        self.secondary: Mount | None = None
+        self.primary: Mount | None = None
+        self.pimgs: dict[str, str] = {}
+        self.simgs: dict[str, str] = {}
+
+    def images(self, sizes: dict[str, int], byte: int = BASE) -> None:
+        for name, size in sizes.items():
+            self.pimgs[name] = make_image(self.tmp / f"p-{name}.img", size, byte)
+            self.simgs[name] = make_image(self.tmp / f"s-{name}.img", size, byte)
+
+    def _mount(self, role: str, argv: list) -> Mount:
+        path = self.tmp / f"mnt-{role}"
+        path.mkdir(exist_ok=True)
+        m = Mount(path, self.tmp / f"{role}.log")
+        self.mounts.append(m)
+        replfs_cmd(role, path, *argv, "--log", m.log)
+        m.pid = m.status()["pid"]
+        return m
+
+    def start_secondary(self, *extra) -> Mount:
+        disks = [a for n, img in self.simgs.items() for a in ("--disk", f"{n}={img}")]
+        self.secondary = self._mount("secondary", ["--listen", "127.0.0.1:0",
+                                                   "--workdir", self.tmp / "work",
+                                                   *disks, *extra])
+        return self.secondary
+
+    def start_primary(self, *extra, secondary: str | None = None) -> Mount:
+        disks = [a for n, img in self.pimgs.items() for a in ("--disk", f"{n}={img}")]
+        addr = secondary or self.secondary.status()["listen"]
+        self.primary = self._mount("primary", ["--secondary", addr, *disks, *extra])
+        return self.primary
+
+    def start(self, sizes=None, *, primary_args=(), secondary_args=()) -> "Pair":
+        self.images(sizes or {"disk0": 16 * MiB})
+        self.start_secondary(*secondary_args)
+        self.start_primary(*primary_args)
+        return self
+
+    def checkpoint(self) -> None:
+        self.primary.action("checkpoint")
+        self.secondary.action("checkpoint")
+
+    def close(self) -> None:
+        for m in reversed(self.mounts):
+            m.unmount()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    reason = have_fuse()
+    if reason:
+        pytest.skip(reason)
+    p = Pair(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()
+        for m in p.mounts:
+            assert not os.path.ismount(m.path), f"{m.path} left mounted"
+            assert not m.alive(), f"daemon {m.pid} left running"
+
+
+@pytest.fixture
+def have_tool():
+    """``have_tool("qemu-io")`` skips the test, naming what is missing."""
+    def check(*tools):
+        for tool in tools:
+            if shutil.which(tool) is None:
+                pytest.skip(f"{tool} is not installed")
+    return check
