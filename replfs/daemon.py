@@ -145,6 +145,7 @@ async def run_primary(args, ready) -> None:
         ops = ReplfsOps(ctl, disks)
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(ctl.watchdog)
                 await _serve_fuse(ops, args.mount, "primary", lambda: ready(None), nursery)
                 nursery.cancel_scope.cancel()
         finally:

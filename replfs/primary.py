@@ -12,10 +12,11 @@ same contract in one layer, :class:`ReplicatedDisk`:
   it goes over NBD to the secondary, and completes when the secondary has
   replied - or when the secondary has been given up on;
 * a failure of the secondary (error reply, lost connection, or no reply
-  within ``timeout`` seconds) is *never* returned to the VM: it is
-  recorded, the connection is aborted at once (so a stalled secondary that
-  wakes up later receives nothing out of order) and the disk carries on
-  alone.  That is QEMU's "replication error is recorded, not returned";
+  within ``timeout`` seconds, which :meth:`Primary.watchdog` checks) is
+  *never* returned to the VM: it is recorded, the connection is aborted at
+  once (so a stalled secondary that wakes up later receives nothing more)
+  and the disk carries on alone.  That is QEMU's "replication error is
+  recorded, not returned";
 * two writes that overlap are never in flight to the secondary at the same
   time (a range lock): the secondary may serve concurrent requests in any
   order, and the two images must end up equal;
@@ -52,6 +53,8 @@ class ReplicatedDisk(BlockNode):
         self.timeout = timeout
         self._on_failure = on_failure
         self._order = RangeLock()
+        self._inflight: dict[int, float] = {}  # token -> start (monotonic)
+        self._next_token = 0
         self.bytes_written = 0
         self.bytes_replicated = 0
         self.writes = 0
@@ -65,17 +68,20 @@ class ReplicatedDisk(BlockNode):
         remote = self.remote
         if remote is None:
             return
-        reason = None
-        with trio.move_on_after(self.timeout) as scope:
-            try:
-                await call(remote)
-                return
-            except Exception as exc:  # never fail the VM's I/O for the secondary
-                reason = f"{what} on the secondary failed: {exc}"
-        if scope.cancelled_caught:
-            reason = f"{what} on the secondary timed out after {self.timeout:g} s"
-        if self.remote is remote:
-            self._on_failure(self, reason)
+        token = self._next_token
+        self._next_token = token + 1
+        self._inflight[token] = time.monotonic()
+        try:
+            await call(remote)
+        except Exception as exc:  # never fail the VM's I/O for the secondary
+            if self.remote is remote:
+                self._on_failure(self, f"{what} on the secondary failed: {exc}")
+        finally:
+            del self._inflight[token]
+
+    def oldest_request_age(self, now: float) -> float:
+        """Seconds the oldest request to the secondary has been waiting."""
+        return now - min(self._inflight.values()) if self._inflight else 0.0
 
     # -- BlockNode ----------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
@@ -162,6 +168,23 @@ class Primary:
             self.state = "degraded"
         self._drop_all()
 
+    async def watchdog(self) -> None:
+        """Give up on the secondary once a request has waited ``timeout``.
+
+        A timer task rather than a cancel scope per request: cancelling a
+        request cannot unblock a send that the peer stopped reading, but
+        aborting the connection does, and it fails every request in flight."""
+        timeout = min(d.timeout for d in self.disks.values())
+        tick = min(0.05, timeout / 10)
+        while True:
+            await trio.sleep(tick)
+            now = time.monotonic()
+            for d in self.disks.values():
+                if d.remote is not None and d.oldest_request_age(now) >= d.timeout:
+                    self._remote_failed(
+                        d, f"the secondary did not answer within {d.timeout:g} s")
+                    break
+
     # -- actions ------------------------------------------------------------
     async def checkpoint(self) -> None:
         """A flush barrier on both sides."""
@@ -200,11 +223,7 @@ class Primary:
         for d in self.disks.values():
             remote = d.drop_remote()
             if remote is not None:
-                with trio.move_on_after(d.timeout):
-                    try:
-                        await remote.aclose()
-                    except BlockError:
-                        pass
+                await close_within(remote, d.timeout)
 
     async def shutdown(self) -> None:
         """On unmount: flush the images, disconnect cleanly."""
@@ -231,3 +250,19 @@ class Primary:
                 for name, d in self.disks.items()
             },
         }
+
+
+async def close_within(remote, timeout: float) -> None:
+    """Disconnect cleanly (NBD DISC) if the peer lets us within ``timeout``;
+    else abort the connection (a send to a stalled peer cannot be cancelled)."""
+    async def guard():
+        await trio.sleep(timeout)
+        remote.abort()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guard)
+        try:
+            await remote.aclose()
+        except BlockError:
+            pass
+        nursery.cancel_scope.cancel()

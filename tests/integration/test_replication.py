@@ -345,3 +345,33 @@ def test_ext4_on_the_primary_checks_clean_on_the_secondary(pair, have_tool, tmp_
         if mounted:
             subprocess.run(["umount", str(fsdir)], capture_output=True)
         subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly_and_primary_degrades(pair, sig):
+    pair.start({"disk0": 4 * MiB})
+    p, s = pair.primary, pair.secondary
+    pwrite(p.file("disk0"), 0, fill(PRIMARY), fsync=True)
+    s.kill(sig)
+    assert s.wait_exit(), s.log_text()
+    assert not os.path.ismount(s.path)
+    assert "Traceback" not in s.log_text()
+    # The primary loses its secondary: the app's writes still succeed.
+    pwrite(p.file("disk0"), MiB, fill(PRIMARY), fsync=True)
+    wait_for(lambda: p.status()["state"] == "degraded", what="primary degraded")
+    assert p.status()["last_error"]
+    assert pread(pair.pimgs["disk0"], MiB, MiB) == fill(PRIMARY)
+    assert pread(pair.simgs["disk0"], 0, MiB) == fill(PRIMARY)
+    p.kill(sig)
+    assert p.wait_exit(), p.log_text()
+    assert not os.path.ismount(p.path)
+    assert "Traceback" not in p.log_text()
+
+
+def test_killed_daemon_leaves_no_stale_mount(pair):
+    pair.start({"disk0": 4 * MiB})
+    p, s = pair.primary, pair.secondary
+    for m in (p, s):
+        m.kill(signal.SIGKILL)
+        assert m.wait_exit()
+        wait_for(lambda: not os.path.ismount(m.path), what="auto_unmount")

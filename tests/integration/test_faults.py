@@ -1,0 +1,276 @@
+"""Faults: nothing acknowledged is ever lost, the VM's I/O never fails because
+of the secondary, and every failure is reported.
+
+Faults are injected by signals, by a TCP proxy between the hosts
+(tests/faultproxy.py), by a small tmpfs for the overlays, and by the
+daemon's fault layer (``--inject-faults``, like QEMU's blkdebug).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.conftest import BASE, MiB, PRIMARY, SECONDARY_VM, pread, pwrite, read_all
+from tests.faultproxy import FaultProxy
+from tests.integration.test_replication import fill, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)  # ENOTCONN once the daemon behind it is gone
+    except OSError:
+        pass
+
+
+def timed_write(path, off, data, fsync=True) -> float:
+    t = time.monotonic()
+    pwrite(path, off, data, fsync=fsync)
+    return time.monotonic() - t
+
+
+def start_via_proxy(pair, sizes=None, timeout="1"):
+    pair.images(sizes or {"disk0": 8 * MiB})
+    pair.start_secondary()
+    port = int(pair.secondary.status()["listen"].rsplit(":", 1)[1])
+    proxy = FaultProxy(("127.0.0.1", port))
+    pair.start_primary("--timeout", timeout, secondary=f"127.0.0.1:{proxy.port}")
+    return proxy
+
+
+@pytest.mark.parametrize("how", ["proxy-stall", "sigstop", "sigkill", "proxy-cut"])
+def test_secondary_failure_never_fails_the_primary(pair, how):
+    proxy = start_via_proxy(pair)
+    p, s = pair.primary, pair.secondary
+    try:
+        assert timed_write(p.file("disk0"), 0, fill(PRIMARY)) < 1
+        if how == "proxy-stall":
+            proxy.stall()
+        elif how == "sigstop":
+            s.kill(signal.SIGSTOP)
+        elif how == "sigkill":
+            s.kill(signal.SIGKILL)
+        else:
+            proxy.cut()
+        # Each write and fsync succeeds, none waits much longer than --timeout.
+        for i in range(1, 4):
+            took = timed_write(p.file("disk0"), i * MiB, fill(PRIMARY))
+            assert took < 3, f"write {i} took {took:.1f} s"
+        st = p.status()
+        assert st["state"] == "degraded" and not st["peer_connected"]
+        assert st["last_error"] and ("did not answer" in st["last_error"]
+                                     or "failed" in st["last_error"]), st["last_error"]
+        # Writes after the failure go to the local image only, at full speed.
+        assert timed_write(p.file("disk0"), 5 * MiB, fill(PRIMARY)) < 0.5
+        for i in (0, 1, 2, 3, 5):
+            assert pread(pair.pimgs["disk0"], i * MiB, MiB) == fill(PRIMARY)
+    finally:
+        if how == "sigstop":
+            s.kill(signal.SIGCONT)
+        proxy.resume()
+    if how in ("proxy-stall", "sigstop"):
+        # The secondary wakes up: it must not receive anything sent after the
+        # primary gave up on it.  What it holds is a prefix of the primary's
+        # writes: region 0 always, regions 2, 3 and 5 never (region 1 was in
+        # flight when the primary gave up and may or may not have landed).
+        time.sleep(1.5)
+        simg = pair.simgs["disk0"]
+        assert pread(simg, 0, MiB) == fill(PRIMARY)
+        for i in (2, 3, 5):
+            assert pread(simg, i * MiB, MiB) == fill(BASE), f"region {i} arrived late"
+        assert s.status()["state"] == "replicating"
+    proxy.close()
+
+
+def test_primary_killed_during_writes_then_failover(pair):
+    pair.start({"disk0": 16 * MiB})
+    p, s = pair.primary, pair.secondary
+    pwrite(p.file("disk0"), 0, fill(PRIMARY, 4 * MiB), fsync=True)
+    pair.checkpoint()
+    checkpoint = read_all(pair.simgs["disk0"])
+    pwrite(s.file("disk0"), 8 * MiB, fill(SECONDARY_VM))
+    stop = threading.Event()
+
+    def writer():
+        fd = os.open(p.file("disk0"), os.O_WRONLY)
+        i = 0
+        try:
+            while not stop.is_set():
+                os.pwrite(fd, fill(0x44, 65536), (i * 65536) % (6 * MiB))
+                i += 1
+        except OSError:
+            pass
+        finally:
+            close_quietly(fd)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.3)
+    p.kill(signal.SIGKILL)
+    stop.set()
+    t.join()
+    wait_for(lambda: not s.status()["peer_connected"], what="secondary notices")
+    assert pread(s.file("disk0"), 0, 4 * MiB) == fill(PRIMARY, 4 * MiB)
+    s.action("failover")
+    expected = bytearray(checkpoint)
+    expected[8 * MiB:9 * MiB] = fill(SECONDARY_VM)
+    assert read_all(pair.simgs["disk0"]) == bytes(expected)
+
+
+def test_overlay_storage_full(pair, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(work)], check=True)
+    try:
+        pair.images({"disk0": 16 * MiB})
+        pair.start_secondary()
+        pair.start_primary("--timeout", "2")
+        p, s = pair.primary, pair.secondary
+        view0 = read_all(s.file("disk0"))
+        # 4 MiB of primary writes need 4 MiB of hidden: the copy cannot be
+        # stored, so the write must not land in the secondary disk.
+        pwrite(p.file("disk0"), 0, fill(PRIMARY, 4 * MiB), fsync=True)
+        assert pread(pair.pimgs["disk0"], 0, 4 * MiB) == fill(PRIMARY, 4 * MiB)
+        wait_for(lambda: p.status()["state"] == "degraded", what="primary degrades")
+        assert "No space" in p.status()["last_error"] or "ENOSPC" in p.status()["last_error"]
+        assert s.status()["last_error"]
+        assert read_all(s.file("disk0")) == view0
+        # The secondary disk holds only writes whose copy was stored.
+        simg = read_all(pair.simgs["disk0"])
+        hidden = s.status()["disks"]["disk0"]["hidden_bytes"]
+        assert simg[hidden:] == view0[hidden:]
+        # A view write that cannot be stored fails with ENOSPC.
+        with pytest.raises(OSError) as e:
+            pwrite(s.file("disk0"), 8 * MiB, fill(SECONDARY_VM, 4 * MiB), fsync=True)
+        assert e.value.errno == errno.ENOSPC
+        assert pread(s.file("disk0"), 12 * MiB - 65536, 65536) == fill(BASE, 65536)
+    finally:
+        pair.close()
+        subprocess.run(["umount", "-l", str(work)], capture_output=True)
+
+
+def test_image_io_errors_are_reported(pair):
+    pair.images({"disk0": 8 * MiB})
+    pair.start_secondary("--inject-faults", "read:EIO@4M-5M")
+    pair.start_primary("--inject-faults", "write:EIO@6M-7M")
+    p, s = pair.primary, pair.secondary
+    # The primary's own image fails: the app gets EIO, nothing is replicated.
+    with pytest.raises(OSError) as e:
+        pwrite(p.file("disk0"), 6 * MiB, fill(PRIMARY, 4096))
+    assert e.value.errno == errno.EIO
+    assert pread(pair.simgs["disk0"], 6 * MiB, 4096) == fill(BASE, 4096)
+    assert p.status()["state"] == "replicating"
+    # The secondary's disk fails a read: the view's reader gets EIO ...
+    fd = os.open(s.file("disk0"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        import mmap
+        buf = mmap.mmap(-1, 4096)
+        with pytest.raises(OSError) as e:
+            os.preadv(fd, [buf], 4 * MiB)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    # ... and the copy-before-write of a primary write there fails: the write
+    # does not land, the primary degrades, the secondary says why.
+    pwrite(p.file("disk0"), 4 * MiB, fill(PRIMARY, 65536), fsync=True)
+    wait_for(lambda: p.status()["state"] == "degraded", what="primary degrades")
+    assert pread(pair.simgs["disk0"], 4 * MiB, 65536) == fill(BASE, 65536)
+    assert "Input/output error" in s.status()["last_error"] or "EIO" in s.status()["last_error"]
+
+
+def test_second_primary_is_refused(pair, tmp_path):
+    pair.start({"disk0": 4 * MiB})
+    listen = pair.secondary.status()["listen"]
+    other = tmp_path / "other"
+    other.mkdir()
+    from tests.conftest import replfs_cmd
+    r = replfs_cmd("primary", other, "--secondary", listen, "--disk",
+                   f"disk0={pair.pimgs['disk0']}", check=False)
+    assert r.returncode == 1 and "disk0" in r.stderr, r.stderr
+    assert not os.path.ismount(other)
+    pwrite(pair.primary.file("disk0"), 0, fill(PRIMARY), fsync=True)
+    assert pread(pair.simgs["disk0"], 0, MiB) == fill(PRIMARY)
+    assert pair.primary.status()["state"] == "replicating"
+
+
+def test_unmount_under_load(pair, have_tool):
+    have_tool("fio")
+    pair.start({"disk0": 32 * MiB})
+    p = pair.primary
+    fio = subprocess.Popen(
+        ["fio", "--name=load", f"--filename={p.file('disk0')}", "--rw=randwrite",
+         "--bs=4k", "--size=32M", "--ioengine=psync", "--fsync=1", "--time_based",
+         "--runtime=3", "--output=/dev/null"])
+    try:
+        time.sleep(1)
+        busy = subprocess.run(["fusermount3", "-u", p.path], capture_output=True, text=True,
+                              timeout=10)
+        assert busy.returncode != 0 and "busy" in busy.stderr.lower()
+        assert os.path.ismount(p.path) and p.alive()
+        lazy = subprocess.run(["fusermount3", "-u", "-z", p.path], capture_output=True,
+                              timeout=10)
+        assert lazy.returncode == 0
+        assert fio.wait(timeout=30) == 0
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    assert p.wait_exit(), p.log_text()
+    assert not os.path.ismount(p.path)
+    # Everything fio wrote (and fsynced) is in both images.
+    assert read_all(pair.pimgs["disk0"]) == read_all(pair.simgs["disk0"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kill9_at_random_points_keeps_every_fsynced_write(pair, seed):
+    """Seeded rounds: a writer fsyncs numbered records; one daemon is killed
+    at a random moment; every record acknowledged by fsync is in the
+    primary's image; no stale mount is left."""
+    rng = random.Random(seed)
+    victim = rng.choice(["primary", "secondary"])
+    pair.start({"disk0": 8 * MiB}, primary_args=("--timeout", "1"))
+    p, s = pair.primary, pair.secondary
+    acked: list[int] = []
+    stop = threading.Event()
+
+    def writer():
+        fd = os.open(p.file("disk0"), os.O_WRONLY)
+        try:
+            for i in range(100_000):
+                if stop.is_set():
+                    return
+                os.pwrite(fd, i.to_bytes(4, "little") * 1024, (i % 2048) * 4096)
+                os.fsync(fd)
+                acked.append(i)
+        except OSError:
+            pass
+        finally:
+            close_quietly(fd)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(rng.uniform(0.05, 0.8))
+    (p if victim == "primary" else s).kill(signal.SIGKILL)
+    time.sleep(0.3)
+    stop.set()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert acked, "the writer made no progress"
+    img = read_all(pair.pimgs["disk0"])
+    last = {}
+    for i in acked:
+        last[i % 2048] = i
+    for slot, i in last.items():
+        assert img[slot * 4096:slot * 4096 + 4096] == i.to_bytes(4, "little") * 1024
+    for m in (p, s):
+        if m.pid and not m.alive():
+            wait_for(lambda: not os.path.ismount(m.path), what="auto_unmount")
