@@ -35,10 +35,9 @@ import time
 import trio
 
 from replfs.block.base import BlockNode
-from replfs.block.cbw import CopyBeforeWrite
 from replfs.block.fault import FaultLayer
-from replfs.block.overlay import Overlay
 from replfs.block.raw import RawImage
+from replfs.block.secondary import SecondaryStack
 from replfs.errors import BlockError
 from replfs.gate import Gate
 
@@ -90,66 +89,40 @@ class GatedNode(BlockNode):
 
 
 class SecondaryDisk:
+    """One disk: its stack (replfs/block/secondary.py) behind the mount's gate."""
+
     def __init__(self, name: str, image: str, workdir: str, gate: Gate,
                  cluster_size: int = CLUSTER_SIZE, faults: str | None = None) -> None:
         self.name = name
         self.image = image
-        self.raw = RawImage(image, name=f"{name}:secondary-disk")
+        raw = RawImage(image, name=f"{name}:secondary-disk")
         if faults:  # tests: errors injected below everything, like blkdebug
-            self.raw = FaultLayer(self.raw, faults)
-        self.size = self.raw.size
-        self.hidden = Overlay(os.path.join(workdir, f"{name}.hidden"), self.raw,
-                              cluster_size=cluster_size, name=f"{name}:hidden")
-        self.cbw = CopyBeforeWrite(self.raw, self.hidden, name=f"{name}:cbw")
-        self.active = Overlay(os.path.join(workdir, f"{name}.active"), self.cbw.snapshot,
-                              cluster_size=cluster_size, name=f"{name}:active")
-        self.export = GatedNode(self.cbw, gate, f"{name}:export")
-        self.view = GatedNode(self.active, gate, f"{name}:view")
-        self.view_writes = 0
-
-    async def checkpoint(self) -> None:
-        await self.active.make_empty()
-        await self.cbw.checkpoint()
-
-    async def commit(self) -> None:
-        """Failover: IMAGE := the view (hidden first, then active on top)."""
-        await self.hidden.commit()
-        await commit_into(self.active, self.raw)
-        await self.raw.flush()
-        await self.cbw.checkpoint()
-        self.view.child = self.raw
+            raw = FaultLayer(raw, faults)
+        self.size = raw.size
+        self.stack = SecondaryStack(raw, os.path.join(workdir, f"{name}.hidden"),
+                                    os.path.join(workdir, f"{name}.active"),
+                                    cluster_size=cluster_size, name=name)
+        self.export = GatedNode(self.stack.export, gate, f"{name}:export")
+        self.view = GatedNode(self.stack.view, gate, f"{name}:view")
 
     def statistics(self) -> dict:
+        st = self.stack
         return {
             "size": self.size,
             "image": self.image,
-            "hidden_bytes": self.hidden.allocated_bytes,
-            "active_bytes": self.active.allocated_bytes,
-            "primary": self.cbw.statistics(),
-            "view": self.view.child.statistics(),
+            "hidden_bytes": st.hidden.allocated_bytes,
+            "active_bytes": st.active.allocated_bytes,
+            "primary": st.cbw.statistics(),
+            "view": st.active.statistics(),
         }
 
     def close(self) -> None:
-        for node in (self.active, self.hidden, self.raw):
-            node.close()
-        for overlay in (self.active, self.hidden):  # scratch: nothing to keep
+        self.stack.close()
+        for overlay in (self.stack.active, self.stack.hidden):  # scratch
             try:
                 os.unlink(overlay.path)
             except FileNotFoundError:
                 pass
-
-
-async def commit_into(overlay: Overlay, target: BlockNode, chunk: int = 4 << 20) -> None:
-    """Write ``overlay``'s own clusters into ``target`` and empty it."""
-    for ext in overlay.allocation(0, overlay.size):
-        if not ext.allocated:
-            continue
-        off, end = ext.offset, ext.offset + ext.length
-        while off < end:
-            n = min(chunk, end - off)
-            await target.write(off, await overlay.read(off, n))
-            off += n
-    await overlay.make_empty()
 
 
 class Secondary:
@@ -202,7 +175,7 @@ class Secondary:
                              f"checkpoint: not replicating (state {self.state})")
         async with self.gate.exclusive():
             for d in self.disks.values():
-                await d.checkpoint()
+                await d.stack.checkpoint()
             self.checkpoints += 1
         await self._view_changed()
 
@@ -212,7 +185,7 @@ class Secondary:
         async with self.gate.exclusive():
             self._refuse_primary("failed over")
             for d in self.disks.values():
-                await d.commit()
+                await d.stack.failover()
             self.state = "failed-over"
         await self._disconnect_primary()
         await self._view_changed()
@@ -225,7 +198,7 @@ class Secondary:
             raise BlockError(errno.EINVAL, f"stop: not replicating (state {self.state})")
         async with self.gate.exclusive():
             for d in self.disks.values():
-                await d.checkpoint()
+                await d.stack.checkpoint()
             self.checkpoints += 1
             self._refuse_primary("replication stopped")
             self.state = "stopped"
@@ -234,7 +207,7 @@ class Secondary:
 
     def _refuse_primary(self, reason: str) -> None:
         for d in self.disks.values():
-            d.cbw.refuse_writes(errno.ESHUTDOWN, reason)
+            d.stack.cbw.refuse_writes(errno.ESHUTDOWN, reason)
         if self.server is not None:
             self.server.set_accepting(False)
 
@@ -252,7 +225,7 @@ class Secondary:
             await self.server.close_all()
         for d in self.disks.values():
             try:
-                await d.raw.flush()
+                await d.stack.disk.flush()
             except BlockError as exc:
                 log.error("disk %s: flush at exit failed: %s", d.name, exc)
             d.close()

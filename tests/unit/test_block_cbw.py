@@ -1,0 +1,283 @@
+"""CopyBeforeWrite and the secondary stack: copies, the snapshot view,
+in-flight copies, ENOSPC in the hidden overlay, refusal, checkpoint, failover."""
+
+import errno
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from replfs.block.cbw import CopyBeforeWrite
+from replfs.block.fault import FaultLayer
+from replfs.block.overlay import Overlay
+from replfs.block.raw import RawImage
+from replfs.block.secondary import SecondaryStack
+from replfs.errors import BlockError
+
+CL = 4096
+
+
+def mock_clock():
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def make(tmp_path, content: bytes, disk_rules: str | None = None, **kw):
+    p = tmp_path / "disk.img"
+    p.write_bytes(content)
+    raw = RawImage(p)
+    disk = FaultLayer(raw, disk_rules) if disk_rules is not None else raw
+    hidden = Overlay(tmp_path / "hidden", disk, cluster_size=CL)
+    cbw = CopyBeforeWrite(disk, hidden, **kw)
+    return raw, disk, hidden, cbw
+
+
+def test_copies_once_per_epoch(tmp_path):
+    raw, disk, hidden, cbw = make(tmp_path, b"o" * 16 * CL)
+
+    async def main():
+        await cbw.write(CL + 10, b"n" * 20)
+        assert cbw.stats["clusters_copied"] == 1 and hidden.bitmap.count == 1
+        await cbw.write(CL + 100, b"N" * 20)  # same cluster: no second copy
+        assert cbw.stats["clusters_copied"] == 1
+        await cbw.write_zeroes(3 * CL - 1, CL + 2)  # clusters 2, 3 and 4
+        await cbw.trim(10 * CL, 2 * CL)
+        assert cbw.stats["clusters_copied"] == 6
+        assert await cbw.snapshot.read(0, 16 * CL) == b"o" * 16 * CL
+        disk_now = await cbw.read(0, 16 * CL)
+        assert disk_now[CL + 10 : CL + 30] == b"n" * 20
+        assert disk_now[3 * CL - 1 : 4 * CL + 1] == bytes(CL + 2)
+        assert cbw.statistics()["bytes_written"] == 40
+        await cbw.checkpoint()
+        assert hidden.bitmap.count == 0
+        assert await cbw.snapshot.read(0, 16 * CL) == disk_now
+        await cbw.write(CL + 10, b"z")
+        assert cbw.stats["clusters_copied"] == 7  # re-armed
+
+    trio.run(main)
+    hidden.close()
+    raw.close()
+
+
+def test_bigger_copy_clusters(tmp_path):
+    raw, disk, hidden, cbw = make(tmp_path, b"o" * 32 * CL, cluster_size=4 * CL)
+
+    async def main():
+        await cbw.write(5 * CL, b"n")  # copy cluster 1 = target clusters 4..7
+        assert hidden.bitmap.count == 4
+        await cbw.write(6 * CL, b"m")  # already copied
+        assert hidden.bitmap.count == 4
+        assert await cbw.snapshot.read(0, 32 * CL) == b"o" * 32 * CL
+
+    trio.run(main)
+    with pytest.raises(ValueError):
+        CopyBeforeWrite(disk, hidden, cluster_size=CL // 2)
+    with pytest.raises(ValueError):
+        CopyBeforeWrite(disk, hidden, cluster_size=3 * CL)
+    with pytest.raises(ValueError):  # target must sit on the disk
+        CopyBeforeWrite(raw if disk is not raw else FaultLayer(raw), hidden)
+    hidden.close()
+    raw.close()
+
+
+def test_snapshot_is_read_only(tmp_path):
+    raw, disk, hidden, cbw = make(tmp_path, b"o" * 4 * CL)
+
+    async def main():
+        snap = cbw.snapshot
+        assert snap.size == 4 * CL
+        for fn, args in [(snap.write, (0, b"x")), (snap.write_zeroes, (0, 1)), (snap.trim, (0, 1))]:
+            with pytest.raises(BlockError) as e:
+                await fn(*args)
+            assert e.value.errno == errno.EPERM
+        await snap.flush()
+        with pytest.raises(BlockError) as e:
+            await snap.read(4 * CL, 1)
+        assert e.value.errno == errno.EINVAL
+
+    trio.run(main)
+    hidden.close()
+    raw.close()
+
+
+def test_snapshot_read_waits_for_copy_in_progress(tmp_path):
+    # Every disk request takes 1 s (mock clock).  The primary's write holds
+    # the clusters while it copies (disk read) and then writes the disk.  A
+    # snapshot read started during the copy must return the OLD data.
+    raw, disk, hidden, cbw = make(tmp_path, b"o" * 8 * CL, disk_rules="delay=1")
+
+    async def main():
+        got = {}
+
+        async def snap_read(key, off, n):
+            got[key] = (await cbw.snapshot.read(off, n), trio.current_time())
+
+        async with trio.open_nursery() as n:
+            n.start_soon(cbw.write, 2 * CL + 7, b"N" * (CL + 1))  # clusters 2, 3
+            await trio.sleep(0.5)  # the copy is in progress (disk read)
+            assert cbw.lock.is_locked(2, 4)
+            n.start_soon(snap_read, "during", 3 * CL, 16)
+            n.start_soon(snap_read, "elsewhere", 6 * CL, 16)  # not blocked
+        assert got["during"][0] == b"o" * 16
+        assert got["during"][1] == 2.0  # waited for the copy (1 s) and the disk write (1 s)
+        assert got["elsewhere"] == (b"o" * 16, 1.5)
+        assert (await raw.read(3 * CL, 16)) == b"N" * 8 + b"o" * 8
+
+    trio.run(main, clock=mock_clock())
+    hidden.close()
+    raw.close()
+
+
+def test_hidden_enospc_leaves_disk_and_view_alone(tmp_path, monkeypatch):
+    raw, disk, hidden, cbw = make(tmp_path, b"o" * 8 * CL)
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, off):
+        if fd == hidden.data._fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, off)
+
+    async def main():
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        for op in (
+            lambda: cbw.write(CL, b"n" * 10),
+            lambda: cbw.write_zeroes(2 * CL, 3 * CL),
+            lambda: cbw.trim(0, 1),
+        ):
+            with pytest.raises(BlockError) as e:
+                await op()
+            assert e.value.errno == errno.ENOSPC
+        assert cbw.stats["copy_errors"] == 3
+        assert await raw.read(0, 8 * CL) == b"o" * 8 * CL
+        assert await cbw.snapshot.read(0, 8 * CL) == b"o" * 8 * CL
+        assert hidden.bitmap.count == 0
+        monkeypatch.undo()
+        await cbw.write(CL, b"n" * 10)
+        assert await cbw.snapshot.read(0, 8 * CL) == b"o" * 8 * CL
+
+    trio.run(main)
+    hidden.close()
+    raw.close()
+
+
+def test_refuse_and_allow_writes(tmp_path):
+    raw, disk, hidden, cbw = make(tmp_path, b"o" * 8 * CL, disk_rules="write:delay=1")
+
+    async def main():
+        results = []
+
+        async def write(off):
+            try:
+                await cbw.write(off, b"x")
+                results.append(("ok", off))
+            except BlockError as e:
+                results.append((e.errno, off))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(write, 0)  # in flight: finishes
+            await trio.sleep(0.1)
+            n.start_soon(write, 1)  # waits for the lock: refused when it gets it
+            await trio.sleep(0.1)
+            cbw.refuse_writes(errno.ESHUTDOWN, "failover in progress")
+            assert cbw.writes_refused
+            n.start_soon(write, 5 * CL)  # refused at once
+            await cbw.drain()
+            assert cbw.lock.held == 0
+        assert sorted(results, key=str) == sorted([("ok", 0), (errno.ESHUTDOWN, 1), (errno.ESHUTDOWN, 5 * CL)], key=str)
+        with pytest.raises(BlockError) as e:
+            await cbw.trim(0, 1)
+        assert "failover in progress" in str(e.value)
+        await cbw.read(0, 1)  # reads still work
+        cbw.allow_writes()
+        await cbw.write(7, b"y")
+        assert cbw.stats["refused"] == 3
+
+    trio.run(main, clock=mock_clock())
+    hidden.close()
+    raw.close()
+
+
+def test_secondary_checkpoint_and_failover(tmp_path):
+    p = tmp_path / "disk.img"
+    p.write_bytes(b"0" * 16 * CL)
+    raw = RawImage(p)
+    st = SecondaryStack(raw, tmp_path / "hidden", tmp_path / "active", cluster_size=CL)
+    assert st.export is st.cbw and st.hidden.backing is raw and st.active.backing is st.cbw.snapshot
+
+    async def main():
+        await st.cbw.write(0, b"P" * CL)  # primary
+        await st.view.write(CL // 2, b"V" * CL)  # VM, over the checkpoint's data
+        assert await st.view.read(0, 2 * CL) == b"0" * (CL // 2) + b"V" * CL + b"0" * (CL // 2)
+        await st.checkpoint()
+        assert await st.view.read(0, 2 * CL) == b"P" * CL + b"0" * CL  # view == disk
+        await st.cbw.write(CL, b"Q" * CL)
+        await st.view.write(3 * CL, b"W" * 10)
+        view = await st.view.read(0, 16 * CL)
+        await st.failover()
+        assert st.failed_over
+        assert await raw.read(0, 16 * CL) == view
+        assert await st.view.read(0, 16 * CL) == view
+        with pytest.raises(BlockError) as e:
+            await st.cbw.write(0, b"late")
+        assert e.value.errno == errno.ESHUTDOWN
+        await st.view.write(0, b"after")  # straight to the disk now
+        assert await raw.read(0, 5) == b"after"
+        assert st.active.bitmap.count == 0
+        with pytest.raises(BlockError):
+            await st.checkpoint()
+        await st.failover()  # idempotent
+        assert st.statistics()["failed_over"]
+
+    trio.run(main)
+    st.close()
+
+
+def test_failover_waits_for_inflight_primary_writes(tmp_path):
+    # A primary write is in flight (its disk write is slow) when failover
+    # starts: failover must wait for it, so the disk ends up == the view.
+    p = tmp_path / "disk.img"
+    p.write_bytes(b"0" * 8 * CL)
+    raw = RawImage(p)
+    disk = FaultLayer(raw, "write:delay=3:count=1")  # only the primary's write is slow
+    st = SecondaryStack(disk, tmp_path / "hidden", tmp_path / "active", cluster_size=CL)
+
+    async def main():
+        await st.view.write(5 * CL, b"V" * 3)
+        view = await st.view.read(0, 8 * CL)
+        async with trio.open_nursery() as n:
+            n.start_soon(st.cbw.write, CL, b"P" * 100)
+            await trio.sleep(0.5)
+            n.start_soon(st.failover)
+            await trio.sleep(0.1)
+            # A VM request during failover waits, then goes to the disk.
+            n.start_soon(st.view.write, 7 * CL, b"late")
+        assert st.failed_over
+        disk_now = await raw.read(0, 8 * CL)
+        view_after = bytearray(view)
+        view_after[7 * CL : 7 * CL + 4] = b"late"
+        assert disk_now == view_after
+
+    trio.run(main, clock=mock_clock())
+    st.close()
+
+
+def test_failover_retry_after_commit_error(tmp_path):
+    p = tmp_path / "disk.img"
+    p.write_bytes(b"0" * 8 * CL)
+    raw = RawImage(p)
+    disk = FaultLayer(raw)
+    st = SecondaryStack(disk, tmp_path / "hidden", tmp_path / "active", cluster_size=CL)
+
+    async def main():
+        await st.cbw.write(0, b"P" * 10)
+        await st.view.write(2 * CL, b"V" * 10)
+        view = await st.view.read(0, 8 * CL)
+        disk.set_rules("write:EIO:count=1")
+        with pytest.raises(BlockError):
+            await st.failover()
+        assert not st.failed_over
+        await st.failover()
+        assert await raw.read(0, 8 * CL) == view
+
+    trio.run(main)
+    st.close()

@@ -1,0 +1,308 @@
+"""Overlay specifics: bitmap bookkeeping, make_empty, commit, ENOSPC,
+concurrency, and the 1 TiB cost claims."""
+
+import errno
+import os
+import time
+import tracemalloc
+
+import pytest
+import trio
+import trio.testing
+
+from replfs.block.base import BlockNode, Extent
+from replfs.block.fault import FaultLayer
+from replfs.block.overlay import COMMIT_CHUNK, Overlay
+from replfs.block.raw import RawImage
+from replfs.errors import BlockError
+
+CL = 4096
+
+
+def raw(tmp_path, content: bytes, name="backing.img") -> RawImage:
+    p = tmp_path / name
+    p.write_bytes(content)
+    return RawImage(p)
+
+
+class Spy(BlockNode):
+    """Records the writes and flushes that reach it."""
+
+    def __init__(self, child):
+        self.child, self.size, self.name = child, child.size, "spy"
+        self.log = []
+
+    async def read(self, off, n):
+        return await self.child.read(off, n)
+
+    async def write(self, off, data, fua=False):
+        self.log.append(("write", off, len(data)))
+        await self.child.write(off, data, fua)
+
+    async def write_zeroes(self, off, n, fua=False):
+        await self.child.write_zeroes(off, n, fua)
+
+    async def trim(self, off, n):
+        await self.child.trim(off, n)
+
+    async def flush(self):
+        self.log.append(("flush",))
+        await self.child.flush()
+
+
+def test_writes_stay_in_the_overlay(tmp_path):
+    size = 10 * CL + 100  # short last cluster
+    back = raw(tmp_path, b"b" * size)
+    ov = Overlay(tmp_path / "ov", back, cluster_size=CL)
+
+    async def main():
+        await ov.write(CL + 10, b"x" * 20)  # fills cluster 1 from backing
+        await ov.write(10 * CL + 50, b"y")  # the short last cluster
+        await ov.write_zeroes(3 * CL, 2 * CL)  # two whole clusters
+        assert await back.read(0, size) == b"b" * size  # backing untouched
+        view = bytearray(b"b" * size)
+        view[CL + 10 : CL + 30] = b"x" * 20
+        view[10 * CL + 50] = ord("y")
+        view[3 * CL : 5 * CL] = bytes(2 * CL)
+        assert await ov.read(0, size) == view
+        assert ov.allocation(0, size) == [
+            Extent(0, CL, False),
+            Extent(CL, CL, True),
+            Extent(2 * CL, CL, False),
+            Extent(3 * CL, 2 * CL, True),
+            Extent(5 * CL, 5 * CL, False),
+            Extent(10 * CL, 100, True),
+        ]
+        assert ov.allocation(CL + 5, 10) == [Extent(CL + 5, 10, True)]
+        assert ov.allocated_bytes == 3 * CL + 100
+        s = ov.statistics()
+        assert s["clusters_allocated"] == 4 and s["allocated_bytes"] == 3 * CL + 100
+        assert ov.is_allocated(3 * CL, 2 * CL) and not ov.is_allocated(2 * CL, 2 * CL)
+
+    trio.run(main)
+    ov.close()
+    back.close()
+
+
+def test_bad_cluster_size(tmp_path):
+    back = raw(tmp_path, bytes(100))
+    for cs in (0, 256, 3000, 65537):
+        with pytest.raises(ValueError):
+            Overlay(tmp_path / "ov", back, cluster_size=cs)
+    back.close()
+
+
+def test_make_empty_frees_everything(tmp_path):
+    size = 64 * CL
+    back = raw(tmp_path, b"b" * size)
+    ov = Overlay(tmp_path / "ov", back, cluster_size=CL)
+
+    async def main():
+        await ov.write(0, os.urandom(size))
+        assert os.stat(ov.path).st_blocks >= size // 512
+        await ov.make_empty()
+        assert ov.bitmap.count == 0 and ov.allocated_bytes == 0
+        assert os.stat(ov.path).st_blocks == 0 and os.stat(ov.path).st_size == size
+        assert await ov.read(0, size) == b"b" * size
+        await ov.write(5, b"again")  # still usable
+        assert await ov.read(0, 12) == b"bbbbbagainbb"
+        await ov.make_empty()
+        await ov.make_empty()  # empty already: no-op
+
+    trio.run(main)
+    ov.close()
+    back.close()
+
+
+def test_commit_in_order_in_chunks_then_empty(tmp_path):
+    size = 3 * COMMIT_CHUNK + 5 * CL + 123
+    back = raw(tmp_path, bytes(size))
+    spy = Spy(back)
+    ov = Overlay(tmp_path / "ov", spy, cluster_size=CL)
+
+    async def main():
+        await ov.write(CL, b"\x01" * (2 * COMMIT_CHUNK + 10))  # one long run
+        await ov.write(size - 200, b"\x02" * 200)  # the short last cluster
+        await ov.write(0, b"\x03")
+        view = await ov.read(0, size)
+        await ov.commit()
+        writes = [e for e in spy.log if e[0] == "write"]
+        assert all(n <= COMMIT_CHUNK for _, _, n in writes)
+        offsets = [off for _, off, _ in writes]
+        assert offsets == sorted(offsets)
+        assert spy.log[-1] == ("flush",)
+        assert ov.bitmap.count == 0
+        assert await back.read(0, size) == view
+        assert await ov.read(0, size) == view
+
+    trio.run(main)
+    ov.close()
+    back.close()
+
+
+def test_commit_into_another_node_and_retry_after_failure(tmp_path):
+    size = 16 * CL
+    back = raw(tmp_path, b"b" * size)
+    other = raw(tmp_path, b"o" * size, name="other.img")
+    faulty = FaultLayer(other, "write:EIO:skip=1:count=1")
+    ov = Overlay(tmp_path / "ov", back, cluster_size=CL)
+
+    async def main():
+        await ov.write(0, b"1" * CL)
+        await ov.write(5 * CL, b"2" * CL)
+        with pytest.raises(BlockError) as e:
+            await ov.commit(into=faulty)  # second run fails
+        assert e.value.errno == errno.EIO
+        assert ov.bitmap.count == 2  # nothing emptied
+        await ov.commit(into=faulty)  # retry succeeds
+        assert ov.bitmap.count == 0
+        want = bytearray(b"o" * size)
+        want[0:CL] = b"1" * CL
+        want[5 * CL : 6 * CL] = b"2" * CL
+        assert await other.read(0, size) == want
+        assert await back.read(0, size) == b"b" * size
+        with pytest.raises(BlockError):
+            await ov.commit(into=RawImage.create(tmp_path / "small", 10))
+
+    trio.run(main)
+    for n in (ov, back, other):
+        n.close()
+
+
+def test_enospc_leaves_bitmap_and_view_unchanged(tmp_path, monkeypatch):
+    size = 8 * CL
+    back = raw(tmp_path, b"b" * size)
+    ov = Overlay(tmp_path / "ov", back, cluster_size=CL)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def main():
+        await ov.write(2 * CL, b"a" * CL)
+        view = await ov.read(0, size)
+        monkeypatch.setattr(os, "pwrite", full)
+        monkeypatch.setattr(os, "pwritev", full)
+        for op in (
+            lambda: ov.write(CL + 5, b"x" * 10),  # partial: fill
+            lambda: ov.write(4 * CL, b"x" * CL),  # whole cluster
+            lambda: ov.write(CL + 5, b"x" * 3 * CL),  # across an allocated one
+            lambda: ov.write_zeroes(5 * CL + 1, 10),  # partial zero: fill
+        ):
+            with pytest.raises(BlockError) as e:
+                await op()
+            assert e.value.errno == errno.ENOSPC
+            assert ov.bitmap.count == 1
+            assert await ov.read(0, size) == view
+        monkeypatch.undo()
+        await ov.write(CL + 5, b"x" * 10)
+        assert ov.bitmap.count == 2
+
+    trio.run(main)
+    ov.close()
+    back.close()
+
+
+def test_concurrent_partial_writes_to_one_cluster(tmp_path):
+    back = raw(tmp_path, b"b" * 4 * CL)
+    slow = FaultLayer(back, "read:delay=0.01")  # fills take a while
+    ov = Overlay(tmp_path / "ov", slow, cluster_size=CL)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            for i in range(8):
+                n.start_soon(ov.write, CL + i * 100, bytes([65 + i]) * 50)
+        want = bytearray(b"b" * CL)
+        for i in range(8):
+            want[i * 100 : i * 100 + 50] = bytes([65 + i]) * 50
+        assert await ov.read(CL, CL) == want
+        assert ov.stats["fills"] == 1  # the first filled, the others saw it allocated
+
+    trio.run(main)
+    ov.close()
+    back.close()
+
+
+def test_read_is_not_torn_by_make_empty(tmp_path):
+    back = raw(tmp_path, b"b" * 4 * CL)
+    slow = FaultLayer(back, "read:delay=0.05")
+    ov = Overlay(tmp_path / "ov", slow, cluster_size=CL)
+
+    async def main():
+        await ov.write(CL, b"a" * CL)
+        view = b"b" * CL + b"a" * CL
+        got = []
+
+        async def reader():
+            got.append(await ov.read(0, 2 * CL))  # backing part is slow
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(ov.make_empty)
+        assert got == [view]  # old view, not half old and half emptied
+        assert await ov.read(0, 2 * CL) == b"b" * 2 * CL
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    ov.close()
+    back.close()
+
+
+def test_flush_and_fua_only_with_sync_data(tmp_path):
+    back = raw(tmp_path, bytes(4 * CL))
+    calls = []
+    for sync in (False, True):
+        ov = Overlay(tmp_path / f"ov{sync}", back, cluster_size=CL, sync_data=sync)
+        real = ov.data.flush
+
+        async def counting():
+            calls.append(sync)
+            await real()
+
+        ov.data.flush = counting
+        trio.run(ov.flush)
+        trio.run(ov.write_zeroes, 0, 10, True)
+        ov.close()
+    assert calls == [True, True]
+    back.close()
+
+
+def test_one_tib_disk(tmp_path):
+    """A 1 TiB sparse disk and overlay: creating them, a few I/Os, and
+    make_empty take milliseconds and only the bitmap's memory (2 MiB)."""
+    size = 1 << 40
+    path = tmp_path / "big.img"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    tracemalloc.start()
+    try:
+        t = time.perf_counter()
+        back = RawImage(path)
+        ov = Overlay(tmp_path / "big.ovl", back)  # 64 KiB clusters: 16 Mi bits
+        created = time.perf_counter() - t
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert created < 0.5, created
+    assert peak < 4 * 1024 * 1024, peak
+    assert ov.bitmap.nbytes <= 2 * 1024 * 1024 + 1024
+
+    async def main():
+        t = time.perf_counter()
+        await ov.write(size - 3, b"end")
+        await ov.write(12345, b"start")
+        await ov.write_zeroes(size // 2, 10 * 65536)
+        assert await ov.read(size - 5, 5) == b"\0\0end"
+        assert await ov.read(12340, 10) == b"\0" * 5 + b"start"
+        assert ov.allocated_bytes == 12 * 65536
+        ext = ov.allocation(0, size)
+        assert [e.allocated for e in ext] == [True, False, True, False, True]
+        await ov.commit()
+        assert await back.read(size - 3, 3) == b"end"
+        await ov.write(size // 3, b"x")
+        await ov.make_empty()
+        assert ov.bitmap.count == 0
+        assert time.perf_counter() - t < 1.0
+
+    trio.run(main)
+    ov.close()
+    back.close()

@@ -1,0 +1,215 @@
+"""RawImage specifics (the generic behaviour is in the conformance suite)."""
+
+import errno
+import os
+import threading
+
+import pytest
+import trio
+import trio.testing
+
+from replfs.block import raw as rawmod
+from replfs.block.raw import RawImage
+from replfs.errors import BlockError
+
+
+def make(tmp_path, content: bytes, **kw) -> RawImage:
+    p = tmp_path / "disk.img"
+    p.write_bytes(content)
+    return RawImage(p, **kw)
+
+
+def test_size_and_create(tmp_path):
+    img = RawImage.create(tmp_path / "new.img", 12345)
+    assert img.size == 12345 and img.name == "new.img"
+    assert os.stat(tmp_path / "new.img").st_blocks == 0  # sparse
+    assert trio.run(img.read, 0, 12345) == bytes(12345)
+    img.close()
+    img.close()  # idempotent
+
+
+def test_open_missing_file_is_blockerror(tmp_path):
+    with pytest.raises(BlockError) as e:
+        RawImage(tmp_path / "nope.img")
+    assert e.value.errno == errno.ENOENT
+
+
+def test_read_only_refuses_writes(tmp_path):
+    img = make(tmp_path, b"x" * 4096, read_only=True)
+
+    async def main():
+        for fn, args in [
+            (img.write, (0, b"y")),
+            (img.write_zeroes, (0, 10)),
+            (img.trim, (0, 10)),
+            (img.discard_all, ()),
+        ]:
+            with pytest.raises(BlockError) as e:
+                await fn(*args)
+            assert e.value.errno == errno.EPERM
+        await img.flush()
+        assert await img.read(0, 4096) == b"x" * 4096
+
+    trio.run(main)
+    img.close()
+
+
+def test_write_zeroes_and_trim_punch_holes(tmp_path):
+    size = 4 * 1024 * 1024
+    img = make(tmp_path, b"\x77" * size)
+    before = os.stat(img.path).st_blocks
+
+    async def main():
+        await img.write_zeroes(0, 1024 * 1024)  # inline
+        await img.trim(2 * 1024 * 1024, 2 * 1024 * 1024)  # threaded (> inline_max)
+        await img.write_zeroes(1024 * 1024 + 10, 100, fua=True)
+        assert await img.read(0, 1024 * 1024) == bytes(1024 * 1024)
+        assert await img.read(1024 * 1024, 10) == b"\x77" * 10
+        assert await img.read(1024 * 1024 + 10, 100) == bytes(100)
+        assert await img.read(2 * 1024 * 1024 - 5, 10) == b"\x77" * 5 + bytes(5)
+
+    trio.run(main)
+    after = os.stat(img.path).st_blocks
+    assert after < before - (2 * 1024 * 1024) // 512  # blocks really freed
+    img.close()
+
+
+def test_zero_fallback_when_punch_unsupported(tmp_path, monkeypatch):
+    img = make(tmp_path, b"\x55" * 3_000_000)
+    calls = []
+
+    def no_punch(fd, off, length):
+        calls.append((off, length))
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(rawmod, "punch_hole", no_punch)
+
+    async def main():
+        await img.write_zeroes(7, 2_500_000)  # several fallback steps, threaded
+        await img.trim(2_900_000, 100)
+        assert await img.read(0, 8) == b"\x55" * 7 + bytes(1)
+        assert await img.read(2_500_000, 10) == bytes(7) + b"\x55" * 3
+        assert await img.read(2_899_999, 102) == b"\x55" + bytes(100) + b"\x55"
+
+    trio.run(main)
+    assert len(calls) == 1  # remembered: not retried
+    img.close()
+
+
+def test_oserror_keeps_errno(tmp_path, monkeypatch):
+    img = make(tmp_path, bytes(8192))
+
+    def failing(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    async def main():
+        monkeypatch.setattr(os, "pwrite", failing)
+        with pytest.raises(BlockError) as e:
+            await img.write(0, b"abc")
+        assert e.value.errno == errno.EIO and "disk.img" in str(e.value)
+        monkeypatch.undo()
+
+        def nospace(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pread", nospace)
+        with pytest.raises(BlockError) as e:
+            await img.read(0, 10)
+        assert e.value.errno == errno.ENOSPC
+        monkeypatch.undo()
+
+        monkeypatch.setattr(os, "fdatasync", failing)
+        with pytest.raises(BlockError) as e:
+            await img.flush()
+        assert e.value.errno == errno.EIO
+        monkeypatch.undo()
+
+    trio.run(main)
+    assert img.statistics()["errors"] == 3
+    img.close()
+
+
+def test_short_read_is_eio(tmp_path):
+    img = make(tmp_path, b"a" * 8192)
+    os.truncate(img.path, 100)  # shrinks under us
+
+    async def main():
+        with pytest.raises(BlockError) as e:
+            await img.read(0, 8192)
+        assert e.value.errno == errno.EIO
+
+    trio.run(main)
+    img.close()
+
+
+def test_fua_paths(tmp_path, monkeypatch):
+    img = make(tmp_path, bytes(65536))
+
+    async def main():
+        await img.write(100, b"fua", fua=True)
+        assert await img.read(100, 3) == b"fua"
+        # pwritev(RWF_DSYNC) refused: falls back to write + fdatasync.
+        real = os.pwritev
+
+        def no_flags(fd, bufs, off, *flags):
+            if flags and flags[0]:
+                raise OSError(errno.EOPNOTSUPP, "nope")
+            return real(fd, bufs, off)
+
+        monkeypatch.setattr(os, "pwritev", no_flags)
+        await img.write(200, b"again", fua=True)
+        assert await img.read(200, 5) == b"again"
+        assert img._dsync_ok is False
+
+    trio.run(main)
+    img.close()
+
+
+def test_statistics_and_closed(tmp_path):
+    img = make(tmp_path, bytes(65536))
+
+    async def main():
+        await img.write(0, b"x" * 100)
+        await img.read(0, 50)
+        await img.flush()
+        s = img.statistics()
+        assert s["writes"] == 1 and s["bytes_written"] == 100
+        assert s["reads"] == 1 and s["bytes_read"] == 50 and s["flushes"] == 1
+        img.close()
+        with pytest.raises(BlockError) as e:
+            await img.read(0, 1)
+        assert e.value.errno == errno.EBADF
+
+    trio.run(main)
+
+
+def test_close_during_threaded_io_is_deferred(tmp_path, monkeypatch):
+    img = make(tmp_path, bytes(1 << 20), inline_max=0)
+    release = threading.Event()
+    real = rawmod._pwritev_full
+
+    def slow(fd, off, bufs, *flags):
+        release.wait(10)
+        return real(fd, off, bufs, *flags)
+
+    monkeypatch.setattr(rawmod, "_pwritev_full", slow)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            n.start_soon(img.write, 0, b"z" * (1 << 20))
+            await trio.testing.wait_all_tasks_blocked()
+            img.close()  # a worker thread still uses the fd
+            assert img._fd >= 0
+            release.set()
+        assert img._fd == -1
+
+    trio.run(main)
+    with open(tmp_path / "disk.img", "rb") as f:
+        assert f.read(4) == b"zzzz"
+
+
+def test_block_device_style_size(tmp_path):
+    # Size comes from lseek(SEEK_END), which is what a block device needs.
+    img = make(tmp_path, b"q" * 1000)
+    assert img.size == 1000
+    img.close()
