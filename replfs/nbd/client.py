@@ -1,0 +1,609 @@
+"""A pipelining trio NBD client that is itself a :class:`BlockNode`.
+
+Design note
+-----------
+The primary host keeps one :class:`NBDClient` connected to the secondary and
+hands it every VM write, so it behaves like any other block layer: the I/O
+methods raise only :class:`~replfs.errors.BlockError`.
+
+* Pipelining: any number of tasks may call ``read``/``write``/... at once.
+  Each request gets a fresh cookie (the document's "handle") and a small
+  ``_Pending`` record; one *reader* task parses replies with the sans-IO
+  :class:`~replfs.nbd.core.ClientConnection` and wakes the caller whose
+  cookie came back (replies may arrive in any order, "Transmission").
+  Callers park with ``trio.lowlevel.wait_task_rescheduled`` (no Event per
+  request).
+* Sending: with nothing else in flight the caller writes its request itself
+  (lowest latency at queue depth 1).  Otherwise it appends the encoded
+  request to an output list and wakes a *writer* task, which sends
+  everything queued with one ``send``/``sendmsg``: at queue depth 16 the
+  requests that callers produce in one scheduler round leave in one system
+  call.  Sends are shielded from cancellation (a half-sent request would
+  corrupt the stream); :meth:`abort` unblocks them by closing the socket.
+* Failure: a lost connection or a protocol error from the server fails
+  every request in flight with ``BlockError(ECONNRESET, <cause>)`` and every
+  later request at once.  :meth:`abort` (synchronous) closes the socket
+  immediately and fails what is in flight with ``ESHUTDOWN``.
+  :meth:`aclose` waits for the requests in flight, sends NBD_CMD_DISC and
+  closes ("Terminating the transmission phase": a soft disconnect).
+* Negotiation: NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE, falling back to
+  NBD_OPT_EXPORT_NAME if the server answers NBD_REP_ERR_UNSUP.  A refusal
+  raises :class:`ExportRefusedError` carrying the server's message.
+  Requests larger than the server's maximum block size are split; features
+  the server does not advertise are emulated (FUA -> write + flush,
+  WRITE_ZEROES -> writes of zeroes, TRIM -> write zeroes, so a trimmed range
+  reads back as zeroes as the BlockNode contract says).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from contextlib import asynccontextmanager
+
+import trio
+
+from replfs.block.base import BlockNode
+from replfs.errors import BlockError
+from replfs.nbd import proto as P
+from replfs.nbd._sockio import RECV_SIZE, FastSocket, tune_socket
+from replfs.nbd.core import (
+    NEED_DATA,
+    ClientConnection,
+    ClientFlags,
+    ConnectionClosed,
+    Disconnect,
+    ExportInfo,
+    OptAbort,
+    OptExportName,
+    OptGo,
+    OptionError,
+    ProtocolError,
+    RemoteProtocolError,
+    Reply,
+    Request,
+)
+
+log = logging.getLogger("replfs.nbd")
+
+__all__ = ["NBDClient", "ExportRefusedError", "connect", "open_client"]
+
+_READ = P.NBD_CMD_READ
+_WRITE = P.NBD_CMD_WRITE
+_FLUSH = P.NBD_CMD_FLUSH
+_TRIM = P.NBD_CMD_TRIM
+_WRITE_ZEROES = P.NBD_CMD_WRITE_ZEROES
+_FUA = P.NBD_CMD_FLAG_FUA
+_ZERO_CHUNK = 1024 * 1024
+#: Longest TRIM sent at once (its length field is 32 bits and it has no payload).
+_TRIM_CHUNK = 1 << 30
+
+_REFUSAL_ERRNO = {
+    P.NBD_REP_ERR_UNKNOWN: errno.ENOENT,
+    P.NBD_REP_ERR_POLICY: errno.EPERM,
+    P.NBD_REP_ERR_SHUTDOWN: errno.ESHUTDOWN,
+    P.NBD_REP_ERR_TLS_REQD: errno.EPERM,
+    P.NBD_REP_ERR_INVALID: errno.EINVAL,
+}
+
+
+class ExportRefusedError(BlockError):
+    """The server refused the export; ``str()`` includes the server's text."""
+
+    def __init__(self, err: int, message: str, reply_type: int | None = None):
+        super().__init__(err, message)
+        self.reply_type = reply_type
+
+
+class _Pending:
+    __slots__ = ("task", "done", "error", "data", "exc")
+
+    def __init__(self):
+        self.task = None
+        self.done = False
+        self.error = 0
+        self.data = None
+        self.exc = None
+
+
+class NBDClient(BlockNode):
+    """One negotiated NBD connection.  Build it with :func:`connect` or
+    :func:`open_client`; the reader and writer tasks must be running (see
+    :meth:`start`) for requests to complete."""
+
+    def __init__(self, sock, core: ClientConnection, info: ExportInfo, *, host: str, port: int, export_name: str):
+        self._sock = sock
+        self._core = core
+        self.host = host
+        self.port = port
+        self.export_name = export_name
+        self.name = f"nbd://{host}:{port}/{export_name}"
+        self.size = info.size
+        self.transmission_flags = info.transmission_flags
+        bmin, bpref, bmax = info.block_size or (1, P.PREFERRED_BLOCK_SIZE, P.MAX_BLOCK_SIZE)
+        #: (minimum, preferred, maximum) block size in force.
+        self.block_size = (max(bmin, 1), bpref, bmax)
+        self._min_block = max(bmin, 1)
+        self._max_request = max(min(bmax, P.MAX_BLOCK_SIZE), self._min_block)
+        if self._min_block > 1:
+            self._max_request -= self._max_request % self._min_block
+        self.read_only = bool(info.transmission_flags & P.NBD_FLAG_READ_ONLY)
+        self._waiters: dict[int, _Pending] = {}
+        self._next_cookie = 1
+        self._out: list = []
+        self._sending = False
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._drained: trio.Event | None = None
+        self._failure: BlockError | None = None
+        self._closing = False
+        self._started = False
+        # counters
+        self.requests = 0
+        self.reads = 0
+        self.writes = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.flushes = 0
+        self.errors = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start the reader and writer tasks in ``nursery`` (once).
+
+        Neither task ever raises: a lost connection is reported through the
+        requests.  Both end when the connection closes.
+        """
+        if self._started:
+            raise RuntimeError("NBDClient already started")
+        self._started = True
+        nursery.start_soon(self._reader, name=f"nbd-reader {self.name}")
+        nursery.start_soon(self._writer, name=f"nbd-writer {self.name}")
+
+    @property
+    def connected(self) -> bool:
+        return self._failure is None
+
+    @property
+    def failure(self) -> BlockError | None:
+        """Why the connection is unusable (None while it works)."""
+        return self._failure
+
+    def abort(self, reason: str = "connection aborted") -> None:
+        """Close the connection now; requests in flight fail with ESHUTDOWN."""
+        self._fail(BlockError(errno.ESHUTDOWN, f"{self.name}: {reason}"))
+
+    def close(self) -> None:
+        """Best-effort NBD_CMD_DISC without waiting, then close (idempotent)."""
+        if self._failure is None and not self._sending and not self._out and not self._waiters:
+            try:
+                os.write(self._sock.fileno(), self._core.send(Disconnect()))
+            except (OSError, ProtocolError):
+                pass
+        self._fail(BlockError(errno.ESHUTDOWN, f"{self.name}: client closed"))
+
+    async def aclose(self) -> None:
+        """Soft disconnect: wait for requests in flight, send NBD_CMD_DISC, close."""
+        if self._failure is None:
+            self._closing = True
+            try:
+                while self._waiters and self._failure is None:
+                    self._drained = trio.Event()
+                    await self._drained.wait()
+                if self._failure is None and not self._core.disconnect_sent:
+                    self._out.extend(self._core.send_parts(Disconnect()))
+                if self._failure is None:
+                    await self._flush_out()
+            finally:
+                self._fail(BlockError(errno.ESHUTDOWN, f"{self.name}: client closed"))
+
+    def _fail(self, exc: BlockError) -> None:
+        """Mark the connection failed, close the socket, fail every waiter."""
+        if self._failure is None:
+            self._failure = exc
+        self._sock.close()  # notifies tasks blocked on the socket
+        waiters = self._waiters
+        self._waiters = {}
+        for p in waiters.values():
+            p.exc = exc
+            p.done = True
+            if p.task is not None:
+                trio.lowlevel.reschedule(p.task)
+                p.task = None
+        self._writer_lot.unpark_all()
+        if self._drained is not None:
+            self._drained.set()
+
+    # -- background tasks ---------------------------------------------------------------
+    async def _reader(self) -> None:
+        core = self._core
+        sock = self._sock
+        reschedule = trio.lowlevel.reschedule
+        try:
+            while self._failure is None:
+                waiters = self._waiters
+                while True:
+                    ev = core.next_event()
+                    if type(ev) is Reply:
+                        p = waiters.pop(ev.cookie, None)
+                        if p is None:  # pragma: no cover - core checks cookies
+                            continue
+                        p.error = ev.error
+                        p.data = ev.data
+                        p.done = True
+                        if p.task is not None:
+                            reschedule(p.task)
+                            p.task = None
+                        if ev.error == P.NBD_ESHUTDOWN:
+                            # "If the client receives an NBD_ESHUTDOWN error it
+                            # MUST initiate a soft disconnect."
+                            self._closing = True
+                    elif ev is NEED_DATA:
+                        break
+                    elif type(ev) is ConnectionClosed:
+                        if self._closing:
+                            self._fail(BlockError(errno.ESHUTDOWN, f"{self.name}: disconnected"))
+                        else:
+                            self._fail(BlockError(errno.ECONNRESET, f"{self.name}: server closed the connection"))
+                        return
+                    else:  # pragma: no cover
+                        raise RemoteProtocolError(f"unexpected event {ev!r}")
+                if not waiters:
+                    if self._drained is not None:
+                        self._drained.set()
+                    if self._closing and self._failure is None and not self._sending:
+                        self._shutdown_disc()
+                view = core.payload_view()
+                if view is not None:
+                    n = await sock.recv_into(view)
+                    if n:
+                        core.payload_received(n)
+                    else:
+                        core.receive_data(b"")
+                else:
+                    core.receive_data(await sock.recv(RECV_SIZE))
+        except RemoteProtocolError as exc:
+            log.warning("nbd: %s: protocol error from server: %s", self.name, exc)
+            self._fail(BlockError(errno.ECONNRESET, f"{self.name}: protocol error from server: {exc}"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(BlockError(errno.ECONNRESET, f"{self.name}: connection lost: {exc}"))
+        finally:
+            if self._failure is None:
+                self._fail(BlockError(errno.ESHUTDOWN, f"{self.name}: client stopped"))
+
+    def _shutdown_disc(self) -> None:
+        if not self._core.disconnect_sent:
+            self._out.extend(self._core.send_parts(Disconnect()))
+            self._writer_lot.unpark()
+
+    async def _writer(self) -> None:
+        lot = self._writer_lot
+        try:
+            while self._failure is None:
+                if self._out and not self._sending:
+                    await self._flush_out()
+                else:
+                    await lot.park()
+        finally:
+            if self._failure is None:
+                self._fail(BlockError(errno.ESHUTDOWN, f"{self.name}: client stopped"))
+
+    async def _flush_out(self) -> None:
+        """Send everything queued (combining; shielded from cancellation)."""
+        if self._sending:
+            return
+        self._sending = True
+        try:
+            # send_buffers is shielded where it waits: a request is sent
+            # whole or the connection fails.
+            while self._out and self._failure is None:
+                bufs = self._out
+                self._out = []
+                await self._sock.send_buffers(bufs)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(BlockError(errno.ECONNRESET, f"{self.name}: connection lost while sending: {exc}"))
+        finally:
+            self._sending = False
+
+    # -- one request -------------------------------------------------------------------
+    async def _request(self, command: int, flags: int, offset: int, length: int, data=None):
+        if not self._started:
+            raise RuntimeError(f"{self.name}: NBDClient.start(nursery) was not called")
+        if self._failure is not None:
+            raise BlockError(self._failure.errno, str(self._failure))
+        if self._closing:
+            raise BlockError(errno.ESHUTDOWN, f"{self.name}: client is disconnecting")
+        cookie = self._next_cookie
+        self._next_cookie = cookie + 1
+        parts = self._core.send_parts(Request(command, flags, cookie, offset, length, data))
+        p = _Pending()
+        waiters = self._waiters
+        waiters[cookie] = p
+        self.requests += 1
+        self._out += parts
+        if len(waiters) == 1 and not self._sending:
+            await self._flush_out()
+        else:
+            self._writer_lot.unpark()
+        if not p.done:
+            p.task = trio.lowlevel.current_task()
+
+            def abort_fn(raise_cancel, p=p):
+                # The request stays on the wire; its reply will be dropped.
+                p.task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort_fn)
+        if p.exc is not None:
+            raise BlockError(p.exc.errno, str(p.exc))
+        if p.error:
+            self.errors += 1
+            err = P.nbd_to_errno(p.error)
+            raise BlockError(
+                err,
+                f"{self.name}: {P.command_name(command)} of {length} bytes at {offset} failed: "
+                f"{os.strerror(err)}",
+            )
+        return p.data
+
+    def _check_aligned(self, offset: int, length: int) -> None:
+        m = self._min_block
+        if m > 1 and (offset % m or length % m):
+            raise BlockError(
+                errno.EINVAL,
+                f"{self.name}: request at {offset} of {length} bytes is not aligned to the "
+                f"server's minimum block size {m}",
+            )
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise BlockError(errno.EPERM, f"{self.name}: export is read-only")
+
+    # -- BlockNode interface -------------------------------------------------------------
+    async def read(self, offset: int, length: int) -> bytes:
+        self.check_read(offset, length)
+        if not length:
+            return b""
+        self._check_aligned(offset, length)
+        limit = self._max_request
+        if length <= limit:
+            data = await self._request(_READ, 0, offset, length)
+        else:
+            pieces = []
+            for off in range(offset, offset + length, limit):
+                pieces.append(await self._request(_READ, 0, off, min(limit, offset + length - off)))
+            data = b"".join(pieces)
+        self.reads += 1
+        self.bytes_read += length
+        return data if type(data) is bytes else bytes(data)
+
+    async def write(self, offset: int, data, fua: bool = False) -> None:
+        if type(data) is not bytes and type(data) is not bytearray:
+            data = memoryview(data).cast("B")
+        length = len(data)
+        self.check_write(offset, length)
+        self._check_writable()
+        if not length:
+            return
+        self._check_aligned(offset, length)
+        tflags = self.transmission_flags
+        flags = _FUA if fua and tflags & P.NBD_FLAG_SEND_FUA else 0
+        limit = self._max_request
+        if length <= limit:
+            await self._request(_WRITE, flags, offset, length, data)
+        else:
+            view = memoryview(data)
+            for pos in range(0, length, limit):
+                chunk = view[pos : pos + limit]
+                await self._request(_WRITE, flags, offset + pos, len(chunk), chunk)
+        self.writes += 1
+        self.bytes_written += length
+        if fua and not flags:
+            await self.flush()
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+        self.check_write(offset, length)
+        self._check_writable()
+        if not length:
+            return
+        self._check_aligned(offset, length)
+        tflags = self.transmission_flags
+        if not tflags & P.NBD_FLAG_SEND_WRITE_ZEROES:
+            zeroes = bytes(min(length, _ZERO_CHUNK))
+            for off in range(offset, offset + length, len(zeroes)):
+                n = min(len(zeroes), offset + length - off)
+                await self.write(off, zeroes[:n] if n < len(zeroes) else zeroes, fua)
+            return
+        flags = _FUA if fua and tflags & P.NBD_FLAG_SEND_FUA else 0
+        limit = self._max_request
+        for off in range(offset, offset + length, limit):
+            await self._request(_WRITE_ZEROES, flags, off, min(limit, offset + length - off))
+        if fua and not flags:
+            await self.flush()
+
+    async def trim(self, offset: int, length: int) -> None:
+        self.check_write(offset, length)
+        self._check_writable()
+        if not length:
+            return
+        self._check_aligned(offset, length)
+        if not self.transmission_flags & P.NBD_FLAG_SEND_TRIM:
+            await self.write_zeroes(offset, length)
+            return
+        step = _TRIM_CHUNK - _TRIM_CHUNK % self._min_block
+        for off in range(offset, offset + length, step):
+            await self._request(_TRIM, 0, off, min(step, offset + length - off))
+
+    async def flush(self) -> None:
+        if self.transmission_flags & P.NBD_FLAG_SEND_FLUSH:
+            await self._request(_FLUSH, 0, 0, 0)
+            self.flushes += 1
+        elif self._failure is not None:
+            raise BlockError(self._failure.errno, str(self._failure))
+
+    def statistics(self) -> dict:
+        return {
+            "peer": f"{self.host}:{self.port}",
+            "export": self.export_name,
+            "connected": self._failure is None,
+            "failure": None if self._failure is None else str(self._failure),
+            "size": self.size,
+            "transmission_flags": self.transmission_flags,
+            "requests": self.requests,
+            "reads": self.reads,
+            "writes": self.writes,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "flushes": self.flushes,
+            "errors": self.errors,
+            "in_flight": len(self._waiters),
+        }
+
+
+# -- connecting ----------------------------------------------------------------------
+def _errno_of(exc: BaseException, default: int) -> int:
+    """The errno of an OSError, looking inside trio's 'all attempts failed'."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                err = _errno_of(sub, 0)
+                if err:
+                    return err
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return default
+
+
+async def _next(core: ClientConnection, sock, where: str, closed_ok: bool = False):
+    while True:
+        ev = core.next_event()
+        if type(ev) is ConnectionClosed and not closed_ok:
+            raise BlockError(errno.ECONNRESET, f"{where}: server closed the connection during negotiation")
+        if ev is not NEED_DATA:
+            return ev
+        core.receive_data(await sock.recv(RECV_SIZE))
+
+
+async def _negotiate(sock, core: ClientConnection, export_name: str, where: str) -> ExportInfo:
+    greeting = await _next(core, sock, where)
+    hflags = greeting.handshake_flags
+    cflags = 0
+    if hflags & P.NBD_FLAG_FIXED_NEWSTYLE:
+        cflags |= P.NBD_FLAG_C_FIXED_NEWSTYLE
+    if hflags & P.NBD_FLAG_NO_ZEROES:
+        cflags |= P.NBD_FLAG_C_NO_ZEROES
+    await sock.send_buffers([core.send(ClientFlags(cflags))])
+    if cflags & P.NBD_FLAG_C_FIXED_NEWSTYLE:
+        await sock.send_buffers([core.send(OptGo(export_name, (P.NBD_INFO_BLOCK_SIZE,)))])
+        ev = await _next(core, sock, where)
+        if type(ev) is ExportInfo:
+            return ev
+        if type(ev) is OptionError and ev.reply_type != P.NBD_REP_ERR_UNSUP:
+            # Soft disconnect ("Termination of the session during option
+            # haggling"; mandatory after NBD_REP_ERR_SHUTDOWN).
+            try:
+                await sock.send_buffers([core.send(OptAbort())])
+            except (OSError, trio.BrokenResourceError, ProtocolError):
+                pass
+            err = _REFUSAL_ERRNO.get(ev.reply_type, errno.EIO)
+            text = f": {ev.message}" if ev.message else ""
+            raise ExportRefusedError(
+                err, f"{where}: server refused export {export_name!r} ({ev.reply_name}){text}", ev.reply_type
+            )
+        if type(ev) is not OptionError:
+            raise RemoteProtocolError(f"unexpected answer to NBD_OPT_GO: {ev!r}")
+    # Fallback: the server does not know NBD_OPT_GO.
+    await sock.send_buffers([core.send(OptExportName(export_name))])
+    ev = await _next(core, sock, where, closed_ok=True)
+    if type(ev) is ExportInfo:
+        return ev
+    raise ExportRefusedError(
+        errno.ENOENT, f"{where}: server closed the connection on export {export_name!r} (unknown or refused)"
+    )
+
+
+async def connect(
+    host: str,
+    port: int,
+    export_name: str = "",
+    *,
+    nursery: trio.Nursery | None = None,
+    connect_timeout: float = 10.0,
+) -> NBDClient:
+    """Connect and negotiate ``export_name``; returns the :class:`NBDClient`.
+
+    With ``nursery`` the client's reader and writer tasks are started there
+    (they never raise; they end when the connection closes).  Without it,
+    call ``client.start(nursery)`` before the first request.
+
+    Raises :class:`BlockError` (ECONNREFUSED, ETIMEDOUT, ...) when the server
+    cannot be reached and :class:`ExportRefusedError` (a BlockError) when it
+    refuses the export.
+    """
+    where = f"nbd://{host}:{port}/{export_name}"
+    sock = None
+    try:
+        with trio.fail_after(connect_timeout):
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError as exc:
+                err = _errno_of(exc, errno.ECONNREFUSED)
+                raise BlockError(err, f"{where}: cannot connect: {os.strerror(err)}") from exc
+            sock = FastSocket(stream.socket)
+            tune_socket(sock)
+            core = ClientConnection()
+            info = await _negotiate(sock, core, export_name, where)
+    except trio.TooSlowError:
+        if sock is not None:
+            sock.close()
+        raise BlockError(errno.ETIMEDOUT, f"{where}: no answer within {connect_timeout:g} s") from None
+    except ProtocolError as exc:
+        sock.close()
+        raise BlockError(errno.EPROTO, f"{where}: handshake failed: {exc}") from exc
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        if sock is not None:
+            sock.close()
+        err = _errno_of(exc, errno.ECONNRESET)
+        raise BlockError(err, f"{where}: handshake failed: {exc}") from exc
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+    client = NBDClient(sock, core, info, host=host, port=port, export_name=export_name)
+    if nursery is not None:
+        client.start(nursery)
+    return client
+
+
+@asynccontextmanager
+async def open_client(host: str, port: int, export_name: str = "", *, connect_timeout: float = 10.0):
+    """``async with open_client(...) as client:`` -- a connected client whose
+    tasks live in a private nursery.  Leaving the block normally disconnects
+    cleanly (:meth:`NBDClient.aclose`); leaving it with an exception aborts.
+
+    Errors from connecting, and from the body, propagate unchanged (not
+    wrapped in an exception group).
+    """
+    client = await connect(host, port, export_name, connect_timeout=connect_timeout)
+    body_exc = None
+    async with trio.open_nursery() as nursery:
+        client.start(nursery)
+        try:
+            yield client
+        except BaseException as exc:
+            # Re-raised below, outside the nursery, so that it is not
+            # wrapped in an ExceptionGroup.
+            body_exc = exc
+            client.abort("client context left with an error")
+        else:
+            await client.aclose()
+        finally:
+            client.abort("client context closed")
+    if body_exc is not None:
+        try:
+            raise body_exc
+        finally:
+            body_exc = None
