@@ -212,12 +212,3 @@ def pair(tmp_path):
             assert not os.path.ismount(m.path), f"{m.path} left mounted"
             assert not m.alive(), f"daemon {m.pid} left running"
 
-
-@pytest.fixture
-def have_tool():
-    """``have_tool("qemu-io")`` skips the test, naming what is missing."""
-    def check(*tools):
-        for tool in tools:
-            if shutil.which(tool) is None:
-                pytest.skip(f"{tool} is not installed")
-    return check

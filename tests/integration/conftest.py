@@ -43,7 +43,7 @@ def require_tool():
     def check(*tools):
         for tool in tools:
             if shutil.which(tool) is None:
-                pytest.skip(f"{tool} is not installed (Debian: qemu-utils / libnbd-bin / nbdkit)")
+                pytest.skip(f"{tool} is not installed (scripts/setup.sh installs it)")
 
     return check
 

@@ -202,8 +202,8 @@ def test_second_primary_is_refused(pair, tmp_path):
     assert pair.primary.status()["state"] == "replicating"
 
 
-def test_unmount_under_load(pair, have_tool):
-    have_tool("fio")
+def test_unmount_under_load(pair, require_tool):
+    require_tool("fio")
     pair.start({"disk0": 32 * MiB})
     p = pair.primary
     fio = subprocess.Popen(
@@ -276,11 +276,11 @@ def test_kill9_at_random_points_keeps_every_fsynced_write(pair, seed):
             wait_for(lambda: not os.path.ismount(m.path), what="auto_unmount")
 
 
-def test_ext4_primary_killed_at_random_then_failover(pair, have_tool, tmp_path):
+def test_ext4_primary_killed_at_random_then_failover(pair, require_tool, tmp_path):
     """Files written and synced, checkpoint, more writes, kill -9 of the
     primary at a random moment, failover: the secondary image passes
     e2fsck -fn and holds every file of the last checkpoint."""
-    have_tool("losetup", "mkfs.ext4", "e2fsck", "debugfs", "fsfreeze")
+    require_tool("losetup", "mkfs.ext4", "e2fsck", "debugfs", "fsfreeze")
     rng = random.Random(1234)
     pair.start({"disk0": 64 * MiB})
     p, s = pair.primary, pair.secondary

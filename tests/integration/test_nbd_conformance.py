@@ -9,21 +9,15 @@ server paths are held to the BlockNode contract.
 from __future__ import annotations
 
 import itertools
-import sys
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 import trio
 
-_ROOT = str(Path(__file__).resolve().parents[2])  # so that `tests.` imports work
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from replfs.block.raw import RawImage  # noqa: E402
-from replfs.nbd.client import connect  # noqa: E402
-from replfs.nbd.server import NBDServer  # noqa: E402
-from tests.blockconformance import CHECKS, check_id  # noqa: E402
+from replfs.block.raw import RawImage
+from replfs.nbd.client import connect
+from replfs.nbd.server import NBDServer
+from tests.blockconformance import CHECKS, check_id
 
 pytestmark = pytest.mark.integration
 

@@ -219,8 +219,8 @@ def test_view_reads_are_never_torn_during_primary_writes(pair):
     assert not bad, bad[0]
 
 
-def test_qemu_io_odirect_on_primary_file(pair, have_tool):
-    have_tool("qemu-io")
+def test_qemu_io_odirect_on_primary_file(pair, require_tool):
+    require_tool("qemu-io")
     import subprocess
     pair.start()
     p, s = pair.primary, pair.secondary
@@ -308,9 +308,9 @@ def test_stop_then_unmount_exits_cleanly(pair):
     assert not os.listdir(pair.tmp / "work")
 
 
-def test_ext4_on_the_primary_checks_clean_on_the_secondary(pair, have_tool, tmp_path):
+def test_ext4_on_the_primary_checks_clean_on_the_secondary(pair, require_tool, tmp_path):
     import subprocess
-    have_tool("losetup", "mkfs.ext4", "e2fsck", "fsfreeze")
+    require_tool("losetup", "mkfs.ext4", "e2fsck", "fsfreeze")
     pair.start({"disk0": 64 * MiB}, )
     p, s = pair.primary, pair.secondary
     simg = pair.simgs["disk0"]

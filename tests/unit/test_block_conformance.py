@@ -1,23 +1,18 @@
 """The block conformance suite (tests/blockconformance.py) over every local stack."""
 
 import itertools
-import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-_ROOT = str(Path(__file__).resolve().parents[2])  # so that `tests.` imports work
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from replfs.block.cbw import CopyBeforeWrite  # noqa: E402
-from replfs.block.fault import FaultLayer  # noqa: E402
-from replfs.block.overlay import Overlay  # noqa: E402
-from replfs.block.raw import RawImage  # noqa: E402
-from replfs.block.secondary import SecondaryStack  # noqa: E402
-from tests.blockconformance import CHECKS, check_id  # noqa: E402
+from replfs.block.cbw import CopyBeforeWrite
+from replfs.block.fault import FaultLayer
+from replfs.block.overlay import Overlay
+from replfs.block.raw import RawImage
+from replfs.block.secondary import SecondaryStack
+from tests.blockconformance import CHECKS, check_id
 
 _counter = itertools.count()
 
