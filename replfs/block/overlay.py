@@ -36,8 +36,13 @@ Writes (``write``, ``write_zeroes``, ``trim``)
 
 ``make_empty()``
   (exclusive on the whole disk) clears the bitmap (cost ~ dirty part of the
-  bitmap) and drops the data file's blocks with ``ftruncate(0)`` and back
-  (cost ~ what was allocated).  Never proportional to the disk size.
+  bitmap).  Never proportional to the disk size.  The data file keeps its
+  blocks (stale content nobody reads: every allocation writes its whole
+  cluster), so the next epoch's copies overwrite allocated blocks instead of
+  allocating new ones -- on ext4 here a fresh 1 MiB costs 2.4 ms, a rewrite
+  0.33 ms.  The file's space is the high-water mark of clusters ever held,
+  as with QEMU's qcow2 overlays.  ``reclaim=True`` drops the blocks too
+  (``ftruncate(0)`` and back, cost ~ what was allocated).
 
 ``commit(into=None)``
   (exclusive on the whole disk) copies every allocated run, in order, in
@@ -70,6 +75,7 @@ class Overlay(BlockNode):
         cluster_size: int = 65536,
         name: str | None = None,
         sync_data: bool = False,
+        reclaim: bool = False,
     ):
         if cluster_size < 512 or cluster_size & (cluster_size - 1):
             raise ValueError(f"cluster_size {cluster_size} is not a power of two >= 512")
@@ -81,6 +87,7 @@ class Overlay(BlockNode):
         self._shift = cluster_size.bit_length() - 1
         self.nclusters = (self.size + cluster_size - 1) >> self._shift
         self.sync_data = sync_data
+        self.reclaim = reclaim
         self.data = RawImage.create(self.path, self.size, name=f"{self.name}.data")
         self.bitmap = ClusterBitmap(self.nclusters)
         self.lock = RangeLock(self.name)
@@ -251,7 +258,8 @@ class Overlay(BlockNode):
         # Bits first: even if dropping the blocks fails, the view is right.
         self.bitmap.clear_all()
         self.stats["resets"] += 1
-        await self.data.discard_all()
+        if self.reclaim:
+            await self.data.discard_all()
 
     async def commit(self, into: BlockNode | None = None) -> None:
         """Write every allocated cluster into ``into`` (default ``backing``),

@@ -5,8 +5,13 @@ Design note
 Everything runs on the one trio thread, and a ``trio.to_thread`` hop costs
 more (~100 us) than a 4 KiB ``pwrite`` into the page cache (~1 us).  So:
 
-* I/O of at most ``inline_max`` bytes (256 KiB by default) is done inline
-  with ``os.pread``/``os.pwrite``/``os.pwritev``: no await suspends there;
+* I/O of at most ``inline_max`` bytes (1 MiB + 4 KiB by default: one FUSE
+  request) is done inline with ``os.pread``/``os.pwrite``/``os.pwritev``:
+  no await suspends there.  Measured on the replicated 1 MiB write path:
+  inline 595 MB/s, threads above 256 KiB 405 MB/s.  Even reads that miss
+  the page cache are faster inline here: trying ``preadv(RWF_NOWAIT)`` and
+  sending misses to threads gave 5.6k cold 4 KiB reads/s at queue depth
+  16, blocking inline 8.9k (the hop costs more than the disk's wait);
 * larger transfers, ``fdatasync``, FUA writes and big hole punches go through
   ``trio.to_thread.run_sync`` (not abandoned on cancel, so buffers and the fd
   stay valid until the thread is done).
@@ -45,7 +50,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 #: Largest request done inline on the trio thread.
-INLINE_MAX = 256 * 1024
+INLINE_MAX = 1024 * 1024 + 4096
 #: Zero-filling fallback writes this much at a time.
 _ZERO_STEP = 1024 * 1024
 

@@ -109,7 +109,7 @@ class NBDServer:
         read_only: bool = False,
         max_clients_per_export: int | None = None,
         on_clients_changed: Callable[[str, int], None] | None = None,
-        inline_max: int = 256 * 1024,
+        inline_max: int = 1024 * 1024 + 4096,
         max_inflight: int = 64,
         handshake_timeout: float = 30.0,
     ):
