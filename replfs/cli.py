@@ -13,7 +13,6 @@ input and 1 for a failure.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os

@@ -14,9 +14,9 @@ fusermount3 remove the mount if the daemon dies without doing this.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
+import shutil
 import signal
 import tempfile
 
@@ -25,7 +25,7 @@ import trio
 
 from replfs.block.fault import FaultLayer
 from replfs.block.raw import RawImage
-from replfs.errors import BlockError, ReplfsError, UsageError
+from replfs.errors import BlockError, ReplfsError
 from replfs.fs import ReplfsOps
 from replfs.gate import Gate
 from replfs.primary import Primary, ReplicatedDisk
@@ -86,7 +86,6 @@ async def run_secondary(args, ready) -> None:
         for d in disks.values():
             d.close()
         if remove_workdir:
-            import shutil
             shutil.rmtree(workdir, ignore_errors=True)
         raise
     ctl = Secondary(disks, gate, workdir, remove_workdir)

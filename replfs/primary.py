@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 
 import trio
 
 from replfs.block.base import BlockNode
 from replfs.block.rangelock import RangeLock
+from replfs.controller import Controller
 from replfs.errors import BlockError
 
 log = logging.getLogger("replfs.primary")
@@ -129,20 +129,17 @@ class ReplicatedDisk(BlockNode):
         }
 
 
-class Primary:
+class Primary(Controller):
     """The replication state of one primary mount (all its disks)."""
 
     role = "primary"
 
     def __init__(self, disks: dict[str, ReplicatedDisk], images: dict[str, str],
                  secondary: str) -> None:
+        super().__init__()
         self.disks = disks
         self.images = images
         self.secondary = secondary
-        self.state = "replicating"
-        self.last_error: str | None = None
-        self.checkpoints = 0
-        self.started = time.time()
         for d in disks.values():
             d._on_failure = self._remote_failed
 
@@ -238,13 +235,8 @@ class Primary:
 
     def status(self) -> dict:
         return {
-            "role": self.role,
-            "state": self.state,
-            "pid": os.getpid(),
-            "peer_connected": self.peer_connected,
+            **super().status(),
             "secondary": self.secondary,
-            "checkpoints": self.checkpoints,
-            "last_error": self.last_error,
             "disks": {
                 name: {"size": d.size, "image": self.images[name], **d.statistics()}
                 for name, d in self.disks.items()

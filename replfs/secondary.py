@@ -30,14 +30,12 @@ import errno
 import logging
 import os
 import shutil
-import time
-
-import trio
 
 from replfs.block.base import BlockNode
 from replfs.block.fault import FaultLayer
 from replfs.block.raw import RawImage
 from replfs.block.secondary import SecondaryStack
+from replfs.controller import Controller
 from replfs.errors import BlockError
 from replfs.gate import Gate
 
@@ -125,25 +123,22 @@ class SecondaryDisk:
                 pass
 
 
-class Secondary:
+class Secondary(Controller):
     """The replication state of one secondary mount (all its disks)."""
 
     role = "secondary"
 
     def __init__(self, disks: dict[str, SecondaryDisk], gate: Gate, workdir: str,
                  remove_workdir: bool) -> None:
+        super().__init__()
         self.disks = disks
         self.gate = gate
         self.workdir = workdir
         self.remove_workdir = remove_workdir
-        self.state = "replicating"
-        self.last_error: str | None = None
-        self.checkpoints = 0
         self.listen: str | None = None
         self.server = None
         self.clients = 0
         self._clients: dict[str, int] = {}
-        self.started = time.time()
         #: Called after the view's content changed under open files.
         self.on_view_changed = None
         for d in disks.values():
@@ -234,13 +229,8 @@ class Secondary:
 
     def status(self) -> dict:
         return {
-            "role": self.role,
-            "state": self.state,
-            "pid": os.getpid(),
-            "peer_connected": self.peer_connected,
+            **super().status(),
             "listen": self.listen,
-            "checkpoints": self.checkpoints,
-            "last_error": self.last_error,
             "workdir": self.workdir,
             "disks": {name: d.statistics() for name, d in self.disks.items()},
         }

@@ -223,7 +223,7 @@ def test_qemu_io_odirect_on_primary_file(pair, require_tool):
     require_tool("qemu-io")
     import subprocess
     pair.start()
-    p, s = pair.primary, pair.secondary
+    p = pair.primary
     r = subprocess.run(["qemu-io", "-f", "raw", "-n", "-c", f"write -P 0x22 {R0} 1M",
                         "-c", f"write -P 0x22 {R1 + 512} 4k",
                         "-c", f"read -P 0x22 {R0} 1M", p.file("disk0")],
