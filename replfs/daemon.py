@@ -34,7 +34,10 @@ from replfs.secondary import Secondary, SecondaryDisk
 log = logging.getLogger("replfs")
 
 #: pyfuse3 worker tasks: requests of one file are served concurrently so that
-#: the NBD pipeline stays full (queue depth > 1 reaches the secondary).
+#: the NBD pipeline stays full (queue depth > 1 reaches the secondary).  All
+#: started up front: pyfuse3 otherwise spawns and retires workers as load
+#: comes and goes, which measured 10 % (QD16 writes) to 30 % (QD16 reads)
+#: slower here.
 MAX_TASKS = 32
 
 
@@ -49,7 +52,7 @@ async def _serve_fuse(ops: ReplfsOps, mount: str, role: str, ready, nursery) -> 
     try:
         nursery.start_soon(_signals)
         ready()
-        await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+        await pyfuse3.main(min_tasks=MAX_TASKS, max_tasks=MAX_TASKS)
     finally:
         pyfuse3.close(unmount=True)
 
