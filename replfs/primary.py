@@ -112,10 +112,18 @@ class ReplicatedDisk(BlockNode):
                                lambda node: node.trim(offset, length))
 
     async def flush(self) -> None:
+        """Both sides at once; only the local side's error reaches the caller
+        (raised outside the nursery, so it is not wrapped in a group)."""
+        local_error = None
         async with trio.open_nursery() as nursery:
             if self.remote is not None:
                 nursery.start_soon(self._to_remote, "flush", lambda node: node.flush())
-            await self.local.flush()
+            try:
+                await self.local.flush()
+            except BlockError as exc:
+                local_error = exc
+        if local_error is not None:
+            raise local_error
 
     def allocation(self, offset: int, length: int):
         return self.local.allocation(offset, length)

@@ -369,3 +369,21 @@ def test_nbd_fuzz_while_the_primary_replicates(pair):
     assert s.alive() and p.status()["state"] == "replicating"
     assert "Traceback" not in s.log_text()
     assert read_all(pair.pimgs["disk0"]) == read_all(pair.simgs["disk0"])
+
+
+def test_fsync_error_on_the_primary_image_reaches_the_app(pair):
+    pair.images({"disk0": 4 * MiB})
+    pair.start_secondary()
+    pair.start_primary("--inject-faults", "flush:EIO:count=1")
+    p = pair.primary
+    fd = os.open(p.file("disk0"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, fill(PRIMARY, 4096), 0)
+        with pytest.raises(OSError) as e:
+            os.fsync(fd)
+        assert e.value.errno == errno.EIO
+        os.fsync(fd)  # the fault was for one flush only
+    finally:
+        close_quietly(fd)
+    assert p.status()["state"] == "replicating"
+    assert pread(pair.simgs["disk0"], 0, 4096) == fill(PRIMARY, 4096)
