@@ -198,16 +198,16 @@ class ReplfsOps(pyfuse3.Operations):
         size = min(size, node.size - off)
         try:
             return await node.read(off, size)
-        except BlockError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception as exc:
+            raise self._fuse_error("read", exc) from None
 
     async def write(self, fh, off, buf):
         node = self.by_inode.get(fh)
         if node is not None:
             try:
                 await node.write(off, buf)
-            except BlockError as exc:
-                raise pyfuse3.FUSEError(exc.errno) from None
+            except Exception as exc:
+                raise self._fuse_error("write", exc) from None
             return len(buf)
         action = self.ctl_inodes.get(fh)
         if action is None:
@@ -220,8 +220,17 @@ class ReplfsOps(pyfuse3.Operations):
         if node is not None:
             try:
                 await node.flush()
-            except BlockError as exc:
-                raise pyfuse3.FUSEError(exc.errno) from None
+            except Exception as exc:
+                raise self._fuse_error("fsync", exc) from None
+
+    def _fuse_error(self, op: str, exc: Exception) -> pyfuse3.FUSEError:
+        """The edge: an errno for the kernel.  A BlockError carries its own;
+        anything else is a bug, logged with its traceback, and the caller
+        gets EIO instead of the daemon going down."""
+        if isinstance(exc, BlockError):
+            return pyfuse3.FUSEError(exc.errno)
+        log.error("%s: unexpected error", op, exc_info=exc)
+        return pyfuse3.FUSEError(errno.EIO)
 
     async def flush(self, fh):
         pass
@@ -239,10 +248,11 @@ class ReplfsOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         try:
             await getattr(self.ctl, action.decode())()
-        except BlockError as exc:
-            self.ctl.last_error = str(exc)
+        except Exception as exc:
+            self.ctl.last_error = (str(exc) if isinstance(exc, BlockError)
+                                   else f"{action.decode()}: internal error: {exc!r}")
             log.error("%s failed: %s", action.decode(), exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
+            raise self._fuse_error(action.decode(), exc) from None
         log.info("%s done", action.decode())
 
     def status_json(self) -> bytes:
