@@ -65,8 +65,8 @@ def read_all(path) -> bytes:
         return f.read()
 
 
-def replfs_cmd(*argv, check=True, timeout=60) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "replfs", *map(str, argv)],
+def replfs_cmd(*argv, check=True, timeout=60, prefix=()) -> subprocess.CompletedProcess:
+    r = subprocess.run([*prefix, sys.executable, "-m", "replfs", *map(str, argv)],
                        capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"replfs {' '.join(map(str, argv))} -> {r.returncode}\n"
@@ -161,26 +161,28 @@ class Pair:
             self.pimgs[name] = make_image(self.tmp / f"p-{name}.img", size, byte)
             self.simgs[name] = make_image(self.tmp / f"s-{name}.img", size, byte)
 
-    def _mount(self, role: str, argv: list) -> Mount:
+    def _mount(self, role: str, argv: list, prefix=()) -> Mount:
         path = self.tmp / f"mnt-{role}"
         path.mkdir(exist_ok=True)
         m = Mount(path, self.tmp / f"{role}.log")
         self.mounts.append(m)
-        replfs_cmd(role, path, *argv, "--log", m.log)
+        replfs_cmd(role, path, *argv, "--log", m.log, prefix=prefix)
         m.pid = m.status()["pid"]
         return m
 
-    def start_secondary(self, *extra) -> Mount:
+    def start_secondary(self, *extra, listen: str = "127.0.0.1:0") -> Mount:
         disks = [a for n, img in self.simgs.items() for a in ("--disk", f"{n}={img}")]
-        self.secondary = self._mount("secondary", ["--listen", "127.0.0.1:0",
+        self.secondary = self._mount("secondary", ["--listen", listen,
                                                    "--workdir", self.tmp / "work",
                                                    *disks, *extra])
         return self.secondary
 
-    def start_primary(self, *extra, secondary: str | None = None) -> Mount:
+    def start_primary(self, *extra, secondary: str | None = None, prefix=()) -> Mount:
+        """``prefix``: a command to run it under (e.g. nsenter into a netns)."""
         disks = [a for n, img in self.pimgs.items() for a in ("--disk", f"{n}={img}")]
         addr = secondary or self.secondary.status()["listen"]
-        self.primary = self._mount("primary", ["--secondary", addr, *disks, *extra])
+        self.primary = self._mount("primary", ["--secondary", addr, *disks, *extra],
+                                   prefix=prefix)
         return self.primary
 
     def start(self, sizes=None, *, primary_args=(), secondary_args=()) -> "Pair":

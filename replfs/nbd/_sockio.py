@@ -42,12 +42,27 @@ def _sysctl(name: str) -> int:
 _CAPS = {socket.SO_SNDBUF: _sysctl("wmem_max"), socket.SO_RCVBUF: _sysctl("rmem_max")}
 
 
+#: A peer whose host dies (no FIN, no RST) is noticed after about
+#: KEEPIDLE + KEEPINTVL * KEEPCNT seconds of silence (10 s), or once data
+#: has gone unacknowledged for USER_TIMEOUT_MS.
+KEEPIDLE, KEEPINTVL, KEEPCNT = 5, 1, 5
+USER_TIMEOUT_MS = 10_000
+
+
 def tune_socket(sock) -> None:
-    """TCP_NODELAY and large buffers on a connected TCP socket (best effort)."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass
+    """TCP_NODELAY, keepalive and large buffers on a connected TCP socket
+    (best effort)."""
+    opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", KEEPIDLE), ("TCP_KEEPINTVL", KEEPINTVL),
+                        ("TCP_KEEPCNT", KEEPCNT), ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS)):
+        if hasattr(socket, name):
+            opts.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, opt, value in opts:
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass
     for opt, cap in _CAPS.items():
         if cap >= SOCKET_BUFFER:
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -387,3 +388,58 @@ def test_fsync_error_on_the_primary_image_reaches_the_app(pair):
         close_quietly(fd)
     assert p.status()["state"] == "replicating"
     assert pread(pair.simgs["disk0"], 0, 4096) == fill(PRIMARY, 4096)
+
+
+@pytest.fixture
+def netns_host(tmp_path):
+    """A second host: a network namespace behind a veth pair, 10.231.N.2,
+    reached from here at 10.231.N.1.  Yields (name, host_ip, ns_ip)."""
+    if shutil.which("ip") is None or shutil.which("nsenter") is None:
+        pytest.skip("ip (iproute2) or nsenter (util-linux) is not installed")
+    n = os.getpid() % 200 + 20
+    ns, here, there = f"replfs-t{n}", f"rfh{n}", f"rfn{n}"
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, text=True)
+    try:
+        run("ip", "netns", "add", ns)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"network namespaces unavailable: {exc.stderr.strip()}")
+    try:
+        run("ip", "link", "add", here, "type", "veth", "peer", "name", there)
+        run("ip", "link", "set", there, "netns", ns)
+        run("ip", "addr", "add", f"10.231.{n}.1/30", "dev", here)
+        run("ip", "link", "set", here, "up")
+        for cmd in (["ip", "addr", "add", f"10.231.{n}.2/30", "dev", there],
+                    ["ip", "link", "set", there, "up"], ["ip", "link", "set", "lo", "up"]):
+            run("ip", "netns", "exec", ns, *cmd)
+        yield ns, here, f"10.231.{n}.1", f"10.231.{n}.2"
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_primary_host_vanishes_secondary_notices(pair, netns_host):
+    """The primary's host drops off the network (no FIN, no RST: its link
+    goes down).  TCP keepalive lets the secondary notice within about 10 s;
+    it keeps serving the view, and failover gives the last checkpoint plus
+    the secondary VM's writes."""
+    ns, link, host_ip, ns_ip = netns_host
+    pair.images({"disk0": 4 * MiB})
+    s = pair.start_secondary(listen=f"{host_ip}:0")
+    p = pair.start_primary(secondary=s.status()["listen"],
+                           prefix=["nsenter", f"--net=/run/netns/{ns}"])
+    pwrite(p.file("disk0"), 0, fill(PRIMARY), fsync=True)
+    pair.checkpoint()
+    pwrite(s.file("disk0"), MiB, fill(SECONDARY_VM))
+    assert s.status()["peer_connected"]
+    subprocess.run(["ip", "link", "set", link, "down"], check=True)
+    t = time.monotonic()
+    wait_for(lambda: not s.status()["peer_connected"], timeout=30, what="keepalive")
+    noticed = time.monotonic() - t
+    assert noticed < 20, noticed
+    s.action("failover")
+    expected = fill(PRIMARY) + fill(SECONDARY_VM) + fill(BASE, 2 * MiB)
+    assert read_all(pair.simgs["disk0"]) == expected
+    # The primary's writes go on locally; it degrades once its own request
+    # to the vanished secondary times out.
+    pwrite(p.file("disk0"), 2 * MiB, fill(PRIMARY), fsync=True)
+    wait_for(lambda: p.status()["state"] == "degraded", what="primary degrades")
