@@ -39,14 +39,6 @@ class Gate:
             self._drained.set()
 
     @asynccontextmanager
-    async def io(self):
-        await self.enter()
-        try:
-            yield
-        finally:
-            self.leave()
-
-    @asynccontextmanager
     async def exclusive(self):
         async with self._lock:
             self._closed = True

@@ -137,8 +137,7 @@ class Secondary(Controller):
         self.remove_workdir = remove_workdir
         self.listen: str | None = None
         self.server = None
-        self.clients = 0
-        self._clients: dict[str, int] = {}
+        self._clients: dict[str, int] = {}  # export -> primaries connected
         #: Called after the view's content changed under open files.
         self.on_view_changed = None
         for d in disks.values():
@@ -146,12 +145,12 @@ class Secondary(Controller):
 
     @property
     def peer_connected(self) -> bool:
-        return self.clients > 0
+        return any(self._clients.values())
 
     def clients_changed(self, export: str, count: int) -> None:
+        was = self.peer_connected
         self._clients[export] = count
-        was, total = self.clients, sum(self._clients.values())
-        self.clients = total
+        total = self.peer_connected
         if was and not total:
             log.warning("the primary disconnected (export %s)", export)
         elif total and not was:
