@@ -23,6 +23,7 @@ import tempfile
 import pyfuse3
 import trio
 
+from replfs import fuseloop
 from replfs.block.fault import FaultLayer
 from replfs.block.raw import RawImage
 from replfs.errors import BlockError, ReplfsError
@@ -49,6 +50,8 @@ def fuse_options(role: str) -> set[str]:
 
 async def _serve_fuse(ops: ReplfsOps, mount: str, role: str, ready, nursery) -> None:
     pyfuse3.init(ops, mount, fuse_options(role))
+    if not fuseloop.install(fuseloop.find_session_fd()):
+        log.warning("pyfuse3 %s: the stock request wait is used (slower)", pyfuse3.__version__)
     try:
         nursery.start_soon(_signals)
         ready()
@@ -61,6 +64,7 @@ async def _signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
         async for signum in sigs:
             log.info("signal %s: unmounting", signal.Signals(signum).name)
+            fuseloop.request_exit()
             pyfuse3.terminate()
             return
 

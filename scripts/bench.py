@@ -19,6 +19,7 @@ cluster over the first quarter of the file), then a timed failover commit.
 
 Run:  .venv/bin/python scripts/bench.py [--size 1G] [--runtime 10] [--json out.json]
                                         [--rows raw,primary,secondary,qemu-primary,qemu-secondary]
+                                        [--jobs seqwrite,randwrite-qd1,...]
 Read docs/benchmarks.md for what each figure means.
 """
 
@@ -645,6 +646,8 @@ def run_row(name: str, base: str, args, result: dict) -> None:
             row.reset()
 
         for job in WRITE_JOBS:
+            if job[0] not in args.jobs:
+                continue
             log(f"[{name}] {job[1]}")
             r = result["jobs"][job[0]] = run_job(row, path, size, runtime, job, args.drop_caches)
             log(f"[{name}]   {r['iops']:.0f} IOPS, {r['mbps']:.1f} MB/s")
@@ -658,6 +661,8 @@ def run_row(name: str, base: str, args, result: dict) -> None:
                 f"(primary side {c['primary_s']:.3f} s)")
 
         for job in READ_JOBS:
+            if job[0] not in args.jobs:
+                continue
             log(f"[{name}] {job[1]}")
             r = result["jobs"][job[0]] = run_job(row, path, size, runtime, job, args.drop_caches)
             log(f"[{name}]   {r['iops']:.0f} IOPS, {r['mbps']:.1f} MB/s")
@@ -804,6 +809,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     ap.add_argument("--rows", default=",".join(ALL_ROWS),
                     help=f"comma-separated, in this order (default {','.join(ALL_ROWS)})")
+    ap.add_argument("--jobs", default=",".join(j[0] for j in JOBS),
+                    help="comma-separated job ids to run (default: all); the checkpoint "
+                         "and failover are always timed")
     ap.add_argument("--dir", default="/var/tmp",
                     help="where the scratch images go (default /var/tmp; not tmpfs)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch images and logs")
@@ -823,6 +831,9 @@ def main(argv=None) -> int:
     bad = [n for n in names if n not in ALL_ROWS]
     if bad or not names or len(set(names)) != len(names):
         ap.error(f"--rows: expected a list of {', '.join(ALL_ROWS)}")
+    args.jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
+    if not args.jobs or set(args.jobs) - {j[0] for j in JOBS}:
+        ap.error(f"--jobs: expected a list of {', '.join(j[0] for j in JOBS)}")
     if args.drop_caches and not os.access(DROP_CACHES, os.W_OK):
         log(f"bench: note: {DROP_CACHES} is not writable (not root): page cache not dropped")
         args.drop_caches = False
@@ -866,8 +877,8 @@ def main(argv=None) -> int:
                                              text=True).stdout.splitlines()[0]
             results["notes"] += [NODELAY_NOTE, FAILOVER_NOTE]
 
-    per_row = 7 * args.runtime + 15
-    log(f"bench: {len(names)} rows x 7 jobs x {args.runtime} s; about "
+    per_row = len(args.jobs) * args.runtime + 15
+    log(f"bench: {len(names)} rows x {len(args.jobs)} jobs x {args.runtime} s; about "
         f"{len(names) * per_row / 60:.0f} min plus warm-ups; images in {base}")
     t0 = time.monotonic()
     interrupted = False

@@ -219,6 +219,65 @@ def test_view_reads_are_never_torn_during_primary_writes(pair):
     assert not bad, bad[0]
 
 
+def test_concurrent_requests_take_the_fast_path_and_replicate(pair):
+    """16 writers and 16 readers at once (O_DIRECT, so each is one FUSE
+    request): the queued requests are taken without a wait (fuse.fast_wait
+    counts them), every write is replicated, and the images end up equal."""
+    pair.start({"disk0": 4 * MiB})
+    p, s = pair.primary, pair.secondary
+    n = 16
+    errors: list[BaseException] = []
+
+    def worker(i):
+        import mmap
+        buf = mmap.mmap(-1, 4096)
+        try:
+            fd = os.open(p.file("disk0"), os.O_RDWR | os.O_DIRECT)
+            try:
+                for k in range(64):
+                    off = (k * n + i) * 4096
+                    buf[:] = bytes([PRIMARY ^ (k & 0x0F)]) * 4096
+                    assert os.pwritev(fd, [buf], off) == 4096
+                    assert os.preadv(fd, [buf], off) == 4096
+                    assert buf[:] == bytes([PRIMARY ^ (k & 0x0F)]) * 4096
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    fuse = p.status()["fuse"]
+    assert fuse["fast_wait"] is True
+    assert fuse["requests_queued"] > 0
+    pair.checkpoint()
+    assert read_all(pair.simgs["disk0"]) == read_all(pair.pimgs["disk0"])
+    expect = b"".join(bytes([PRIMARY ^ ((off // (n * 4096)) & 0x0F)]) * 4096
+                      for off in range(0, 4 * MiB, 4096))
+    assert read_all(s.file("disk0")) == expect
+
+
+def test_no_extended_attributes(pair):
+    """The disk files answer ENOSYS to every xattr call, which the kernel
+    reports as EOPNOTSUPP and then stops asking (before every write it would
+    otherwise ask for security.capability)."""
+    pair.start({"disk0": 4 * MiB})
+    f = pair.primary.file("disk0")
+    for call in (lambda: os.getxattr(f, "security.capability"),
+                 lambda: os.listxattr(f),
+                 lambda: os.setxattr(f, "user.x", b"1")):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EOPNOTSUPP
+    pwrite(f, 0, fill(PRIMARY, 4096))
+    pair.checkpoint()
+    assert pread(pair.secondary.file("disk0"), 0, 8192) == fill(PRIMARY, 4096) + fill(BASE, 4096)
+
+
 def test_qemu_io_odirect_on_primary_file(pair, require_tool):
     require_tool("qemu-io")
     import subprocess
