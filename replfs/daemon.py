@@ -24,6 +24,7 @@ import pyfuse3
 import trio
 
 from replfs import fuseloop
+from replfs.block import raw
 from replfs.block.fault import FaultLayer
 from replfs.block.raw import RawImage
 from replfs.errors import BlockError, ReplfsError
@@ -50,7 +51,9 @@ def fuse_options(role: str) -> set[str]:
 
 async def _serve_fuse(ops: ReplfsOps, mount: str, role: str, ready, nursery) -> None:
     pyfuse3.init(ops, mount, fuse_options(role))
-    if not fuseloop.install(fuseloop.find_session_fd()):
+    if fuseloop.install(fuseloop.find_session_fd()):
+        raw.set_contention_probe(fuseloop.requests_waiting)
+    else:
         log.warning("pyfuse3 %s: the stock request wait is used (slower)", pyfuse3.__version__)
     try:
         nursery.start_soon(_signals)

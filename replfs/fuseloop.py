@@ -124,6 +124,11 @@ def request_exit() -> None:
         _state.exiting = True
 
 
+def requests_waiting() -> bool:
+    """True if a FUSE request is queued that no worker has taken yet."""
+    return _state is not None and bool(_state.poll() & select.POLLIN)
+
+
 def statistics() -> dict:
     if _state is None:
         return {"fast_wait": False}

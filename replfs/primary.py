@@ -118,6 +118,9 @@ class ReplicatedDisk(BlockNode):
         async with trio.open_nursery() as nursery:
             if self.remote is not None:
                 nursery.start_soon(self._to_remote, "flush", lambda node: node.flush())
+                # Let it send NBD FLUSH before the local sync, which may run
+                # inline (blocking this thread): the two syncs then overlap.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             try:
                 await self.local.flush()
             except BlockError as exc:

@@ -183,6 +183,78 @@ def test_statistics_and_closed(tmp_path):
     trio.run(main)
 
 
+def test_flush_inline_when_little_is_dirty_else_in_a_thread(tmp_path, monkeypatch):
+    img = make(tmp_path, bytes(4 * rawmod.INLINE_FLUSH_MAX))
+    where: list[str] = []
+    real = os.fdatasync
+
+    def spy(fd):
+        where.append("trio" if threading.current_thread() is threading.main_thread()
+                     else "thread")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+
+    async def main():
+        await img.write(0, b"x" * 4096)
+        await img.flush()  # 4 KiB since the last flush: inline
+        await img.write(0, b"y" * (rawmod.INLINE_FLUSH_MAX + 1))
+        await img.flush()  # too much dirty data: a thread
+        await img.trim(0, 2 * rawmod.INLINE_FLUSH_MAX)
+        await img.flush()  # a big hole punch counts too
+        await img.flush()  # nothing since: inline
+        monkeypatch.setattr(rawmod, "SLOW_FLUSH_S", -1.0)  # every sync is "slow"
+        await img.flush()  # inline, found slow...
+        for _ in range(rawmod.SLOW_FLUSH_PENALTY):
+            await img.flush()  # ...so these go to a thread
+        await img.flush()  # and then inline again
+        monkeypatch.setattr(rawmod, "SLOW_FLUSH_S", 0.002)
+
+    trio.run(main)
+    assert where == (["trio", "thread", "thread", "trio", "trio"]
+                     + ["thread"] * rawmod.SLOW_FLUSH_PENALTY + ["trio"])
+    s = img.statistics()
+    assert s["flushes"] == len(where) and s["flushes_inline"] == where.count("trio")
+    img.close()
+
+
+def test_contended_reads_overlap_misses_and_return_the_data(tmp_path):
+    """With requests waiting, a read missing the page cache starts its disk
+    read and yields before waiting; a cached one is served at once.  Both
+    return the right bytes."""
+    content = bytes(range(256)) * 64 * 16  # 256 KiB
+    img = make(tmp_path, content)
+    if not img._nowait_ok:
+        pytest.skip("RWF_NOWAIT is not available")
+    fd = os.open(tmp_path / "disk.img", os.O_RDONLY)
+    rawmod.set_contention_probe(lambda: True)
+    try:
+        os.fdatasync(img._fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # evict: a cold read
+
+        async def main():
+            got = {}
+
+            async def read(off):
+                got[off] = await img.read(off, 4096)
+
+            async with trio.open_nursery() as nursery:
+                for off in range(0, len(content), 64 * 1024):
+                    nursery.start_soon(read, off)
+            for off, data in got.items():
+                assert data == content[off:off + 4096]
+            assert await img.read(0, 4096) == content[:4096]  # cached now
+
+        trio.run(main)
+    finally:
+        rawmod.set_contention_probe(None)
+        os.close(fd)
+    s = img.statistics()
+    assert s["reads"] == 5
+    assert 1 <= s["reads_overlapped"] <= 4  # the misses (eviction is best effort)
+    img.close()
+
+
 def test_close_during_threaded_io_is_deferred(tmp_path, monkeypatch):
     img = make(tmp_path, bytes(1 << 20), inline_max=0)
     release = threading.Event()
