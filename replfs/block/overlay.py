@@ -271,12 +271,15 @@ class Overlay(BlockNode):
                 f"{self.name}: cannot commit {self.size} bytes into {target.name} "
                 f"({target.size} bytes)",
             )
+        writeback = getattr(target, "start_writeback", None)  # a RawImage has it
         async with self._all():
             for s, e in self.bitmap.set_runs():
                 a, b = s << self._shift, min(e << self._shift, self.size)
                 while a < b:
                     n = min(COMMIT_CHUNK, b - a)
                     await target.write(a, await self.data.read(a, n))
+                    if writeback is not None:
+                        await writeback(a, n)
                     self.stats["bytes_committed"] += n
                     a += n
             await target.flush()

@@ -83,6 +83,13 @@ except AttributeError:  # pragma: no cover - every glibc has it
     _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+try:
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+except AttributeError:  # pragma: no cover - not glibc on Linux
+    _sync_file_range = None
+SYNC_FILE_RANGE_WRITE = 2
 
 
 def _never() -> bool:
@@ -362,6 +369,17 @@ class RawImage(BlockNode):
     async def trim(self, offset: int, length: int) -> None:
         await self._zero(offset, length, False, "trim")
         self.stats["trims"] += 1
+
+    async def start_writeback(self, offset: int, length: int) -> None:
+        """Start writing ``[offset, offset+length)`` to the disk without
+        waiting (``sync_file_range(WRITE)``): a bulk copy that calls this per
+        chunk overlaps the disk's writing with its copying, and its final
+        flush has little left to wait for.  A hint: errors are ignored (the
+        flush reports them)."""
+        if _sync_file_range is None or self.read_only or not length:
+            return
+        fd = self._fdcheck()
+        await self._in_thread(_sync_file_range, fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
     async def flush(self) -> None:
         fd = self._fdcheck()

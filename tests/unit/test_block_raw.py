@@ -255,6 +255,23 @@ def test_contended_reads_overlap_misses_and_return_the_data(tmp_path):
     img.close()
 
 
+def test_start_writeback_is_a_harmless_hint(tmp_path):
+    img = make(tmp_path, bytes(1 << 20))
+    ro = RawImage(tmp_path / "disk.img", read_only=True)
+
+    async def main():
+        await img.write(4096, b"w" * 8192)
+        await img.start_writeback(0, 1 << 20)
+        await img.start_writeback(0, 0)
+        await ro.start_writeback(0, 1 << 20)  # read-only: nothing to do
+        assert await img.read(4096, 8192) == b"w" * 8192
+        await img.flush()
+
+    trio.run(main)
+    img.close()
+    ro.close()
+
+
 def test_close_during_threaded_io_is_deferred(tmp_path, monkeypatch):
     img = make(tmp_path, bytes(1 << 20), inline_max=0)
     release = threading.Event()
