@@ -231,6 +231,67 @@ def test_unmount_under_load(pair, require_tool):
     assert read_all(pair.pimgs["disk0"]) == read_all(pair.simgs["disk0"])
 
 
+@pytest.fixture
+def fusectl():
+    """/sys/fs/fuse/connections, mounted for the test if it is not already."""
+    path = "/sys/fs/fuse/connections"
+    mounted_here = False
+    if not os.path.ismount(path):
+        r = subprocess.run(["mount", "-t", "fusectl", "none", path], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            pytest.skip(f"fusectl cannot be mounted: {r.stderr.strip()}")
+        mounted_here = True
+    yield path
+    if mounted_here:
+        subprocess.run(["umount", path], capture_output=True)
+
+
+def test_fuse_connection_abort_under_load_ends_the_daemon(pair, fusectl):
+    """An admin aborts a mount's FUSE connection (fusectl, the cure for a
+    hung mount) while 8 writers are busy: every worker of the daemon sees the
+    connection gone, the daemon exits, nothing stays mounted or running, and
+    the writers get an error instead of hanging."""
+    pair.start({"disk0": 8 * MiB})
+    p = pair.primary
+    conn = os.path.join(fusectl, str(os.minor(os.stat(p.path).st_dev)))
+    assert os.path.isdir(conn)
+    started, errors = threading.Barrier(9, timeout=10), []
+
+    def writer(i):
+        import mmap
+        buf = mmap.mmap(-1, 4096)
+        buf[:] = fill(PRIMARY, 4096)
+        fd = os.open(p.file("disk0"), os.O_WRONLY | os.O_DIRECT)
+        try:
+            started.wait()
+            for k in range(1_000_000):
+                os.pwritev(fd, [buf], ((k * 8 + i) * 4096) % (8 * MiB))
+        except OSError as exc:
+            errors.append(exc.errno)
+        finally:
+            try:
+                os.close(fd)
+            except OSError:  # close's FLUSH fails too: the connection is gone
+                pass
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.3)
+    with open(os.path.join(conn, "abort"), "w") as f:
+        f.write("1")
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads), "a writer hung after the abort"
+    assert len(errors) == 8 and set(errors) <= {errno.ECONNABORTED, errno.ENOTCONN}
+    assert p.wait_exit(), p.log_text()
+    assert not os.path.ismount(p.path)
+    # The secondary carries on: it can still be checkpointed.
+    pair.secondary.action("checkpoint")
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_kill9_at_random_points_keeps_every_fsynced_write(pair, seed):
     """Seeded rounds: a writer fsyncs numbered records; one daemon is killed
