@@ -161,32 +161,9 @@ async def run_primary(args, ready) -> None:
             await ctl.shutdown()
 
 
-#: glibc malloc: serve allocations up to this size from the heap, not from
-#: fresh mmap()s, and keep up to TRIM of free heap instead of returning it.
-#: Each 1 MiB request buffer (a FUSE write's data, an NBD payload) otherwise
-#: arrives as new zero pages: 256 page faults, then an munmap, per request;
-#: that was a tenth of the secondary's time on 1 MiB writes.
-MALLOC_MMAP_THRESHOLD = 8 * 1024 * 1024
-MALLOC_TRIM_THRESHOLD = 64 * 1024 * 1024
-
-
-def _tune_malloc() -> None:
-    import ctypes
-    import ctypes.util
-
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
 def run(args, ready) -> None:
     """Run the daemon of ``args.role`` until unmounted.  ``ready(info)`` is
     called once the mount is live."""
-    _tune_malloc()
     main = run_primary if args.role == "primary" else run_secondary
     try:
         trio.run(main, args, ready)
