@@ -17,7 +17,7 @@ than a 4 KiB ``pwrite`` into the page cache (~1 us).  So:
   (``posix_fadvise(WILLNEED)`` of exactly its range, which returns at once),
   yields so that the other requests start theirs, and then reads.  The disk
   serves the batch concurrently, with no thread.  Cold 4 KiB reads at queue
-  depth 16: 14.4k/s against 10.7k/s blocking inline (threads for the misses
+  depth 16: 14.4k/s against 10.6k/s blocking inline (threads for the misses
   were slower still: 5.6k/s through ``trio.to_thread``);
 * larger transfers, FUA writes and big hole punches go to
   :mod:`replfs.block.iothreads` (never abandoned on cancel, so buffers and
