@@ -24,7 +24,10 @@ compiled worker loop calls for :func:`_wait`:
   :data:`YIELD_EVERY` fast returns yield once.
 
 The swap depends on a pyfuse3 internal name; when it is missing, the stock
-wait stays and :func:`install` returns False (the daemon logs it).
+wait stays and :func:`install` returns False (the daemon logs it).  pyfuse3
+counts its idle workers inside its own wait, so with this one it sees none and
+starts workers up to ``max_tasks`` at once; the daemon starts them all up
+front anyway (``min_tasks == max_tasks``).
 """
 
 from __future__ import annotations
