@@ -645,12 +645,16 @@ def run_row(name: str, base: str, args, result: dict) -> None:
         if row.replicated:
             row.reset()
 
-        for job in WRITE_JOBS:
-            if job[0] not in args.jobs:
-                continue
-            log(f"[{name}] {job[1]}")
-            r = result["jobs"][job[0]] = run_job(row, path, size, runtime, job, args.drop_caches)
-            log(f"[{name}]   {r['iops']:.0f} IOPS, {r['mbps']:.1f} MB/s")
+        def run_jobs(jobs):
+            for job in jobs:
+                if job[0] not in args.jobs:
+                    continue
+                log(f"[{name}] {job[1]}")
+                r = result["jobs"][job[0]] = run_job(row, path, size, runtime, job,
+                                                     args.drop_caches)
+                log(f"[{name}]   {r['iops']:.0f} IOPS, {r['mbps']:.1f} MB/s")
+
+        run_jobs(WRITE_JOBS)
 
         if row.replicated:
             dirty = row.dirty()
@@ -660,12 +664,7 @@ def run_row(name: str, base: str, args, result: dict) -> None:
                 f"active {human(dirty['active_bytes'] or 0)}: {c['secondary_s']:.3f} s "
                 f"(primary side {c['primary_s']:.3f} s)")
 
-        for job in READ_JOBS:
-            if job[0] not in args.jobs:
-                continue
-            log(f"[{name}] {job[1]}")
-            r = result["jobs"][job[0]] = run_job(row, path, size, runtime, job, args.drop_caches)
-            log(f"[{name}]   {r['iops']:.0f} IOPS, {r['mbps']:.1f} MB/s")
+        run_jobs(READ_JOBS)
 
         if row.replicated:
             # A fixed dirty set for the failover: one 4 KiB write per 64 KiB cluster
