@@ -20,6 +20,7 @@ import stat
 import subprocess
 import sys
 
+from replfs.config import DiskConfig, MountConfig, PeerConfig
 from replfs.errors import ReplfsError, UsageError
 
 EXIT_FAIL = 1
@@ -27,15 +28,15 @@ EXIT_USAGE = 2
 
 
 # -- parsing and checking input ------------------------------------------------
-def parse_hostport(text: str, what: str) -> tuple[str, int]:
+def parse_hostport(text: str, what: str) -> PeerConfig:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UsageError(f"{what}: expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    return PeerConfig(host.strip("[]"), int(port))
 
 
-def parse_disks(specs: list[str]) -> list[tuple[str, str]]:
-    disks: list[tuple[str, str]] = []
+def parse_disks(specs: list[str]) -> tuple[DiskConfig, ...]:
+    disks: list[DiskConfig] = []
     seen: set[str] = set()
     for spec in specs:
         name, sep, image = spec.partition("=")
@@ -47,10 +48,10 @@ def parse_disks(specs: list[str]) -> list[tuple[str, str]]:
             raise UsageError(f"--disk {spec}: duplicate disk name {name!r}")
         seen.add(name)
         check_image(image)
-        disks.append((name, os.path.abspath(image)))
+        disks.append(DiskConfig(name, os.path.abspath(image)))
     if not disks:
         raise UsageError("at least one --disk NAME=IMAGE is needed")
-    return disks
+    return tuple(disks)
 
 
 def check_image(image: str) -> None:
@@ -91,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log file of the background daemon "
                              "(default: /tmp/replfs-ROLE-MOUNTNAME.log)")
         sp.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
-                        help="how long a write waits for the peer (default 5)")
+                        help="primary: how long a write waits for the secondary; "
+                             "secondary: how long a primary's NBD handshake may take "
+                             "(default 5)")
         sp.add_argument("--inject-faults", metavar="SPEC", help=argparse.SUPPRESS)
         sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
         sp.add_argument("-v", "--verbose", action="store_true")
@@ -127,35 +130,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- commands ------------------------------------------------------------------
-def cmd_mount(args) -> int:
-    args.role = args.command
-    args.disks = parse_disks(args.disk)
+def mount_config(args) -> MountConfig:
+    """Check the mount command's arguments; the daemon's whole input."""
+    disks = parse_disks(args.disk)
     check_mountpoint(args.mount)
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    if args.role == "secondary":
-        args.listen = parse_hostport(args.listen, "--listen")
-        cs = args.cluster_size
-        if cs < 512 or cs & (cs - 1):
-            raise UsageError("--cluster-size must be a power of two >= 512")
-        if args.workdir is not None and os.path.exists(args.workdir) and \
-                not os.path.isdir(args.workdir):
-            raise UsageError(f"--workdir {args.workdir}: not a directory")
-    else:
-        args.secondary = parse_hostport(args.secondary, "--secondary")
-    args.mount = os.path.abspath(args.mount)
+    common = dict(role=args.command, mount=os.path.abspath(args.mount), disks=disks,
+                  timeout=args.timeout, inject_faults=args.inject_faults)
+    if args.command == "primary":
+        return MountConfig(**common, secondary=parse_hostport(args.secondary, "--secondary"))
+    cs = args.cluster_size
+    if cs < 512 or cs & (cs - 1):
+        raise UsageError("--cluster-size must be a power of two >= 512")
+    if args.workdir is not None and os.path.exists(args.workdir) and \
+            not os.path.isdir(args.workdir):
+        raise UsageError(f"--workdir {args.workdir}: not a directory")
+    return MountConfig(**common, listen=parse_hostport(args.listen, "--listen"),
+                       workdir=args.workdir, cluster_size=cs)
+
+
+def cmd_mount(args) -> int:
+    cfg = mount_config(args)
     if args.foreground:
-        return run_foreground(args)
-    return spawn_background(args)
+        return run_foreground(cfg, args.verbose, args.ready_fd)
+    return spawn_background(cfg, args.log, args.argv)
 
 
-def run_foreground(args) -> int:
+def run_foreground(cfg: MountConfig, verbose: bool, fd: int | None) -> int:
     from replfs import daemon
 
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format=f"%(asctime)s replfs-{args.role}[%(process)d] %(name)s: %(message)s")
-    fd = args.ready_fd
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s replfs-{cfg.role}[%(process)d] %(name)s: %(message)s")
 
     def ready(info):
         msg = f"ready {info or ''}".strip()
@@ -164,11 +171,11 @@ def run_foreground(args) -> int:
             os.close(fd)
         else:
             extra = f", NBD on {info}" if info else ""
-            print(f"replfs: {args.role} mounted on {args.mount}{extra}",
+            print(f"replfs: {cfg.role} mounted on {cfg.mount}{extra}",
                   file=sys.stderr, flush=True)
 
     try:
-        daemon.run(args, ready)
+        daemon.run(cfg, ready)
     except (ReplfsError, OSError) as exc:
         text = str(exc) if isinstance(exc, ReplfsError) else f"{exc.strerror}: {exc.filename}"
         if fd is not None:
@@ -181,9 +188,10 @@ def run_foreground(args) -> int:
     return 0
 
 
-def spawn_background(args) -> int:
-    log_path = args.log or f"/tmp/replfs-{args.role}-{os.path.basename(args.mount)}.log"
-    argv = [sys.executable, "-m", "replfs", *args.argv, "-f"]
+def spawn_background(cfg: MountConfig, log: str | None, cli_argv: list[str]) -> int:
+    """Run this same command with ``-f`` in a new session; wait for "ready"."""
+    log_path = log or f"/tmp/replfs-{cfg.role}-{os.path.basename(cfg.mount)}.log"
+    argv = [sys.executable, "-m", "replfs", *cli_argv, "-f"]
     rfd, wfd = os.pipe()
     argv += ["--ready-fd", str(wfd)]
     with open(log_path, "ab") as logf:
@@ -195,7 +203,7 @@ def spawn_background(args) -> int:
     if line.startswith("ready"):
         info = line[len("ready"):].strip()
         extra = f", NBD on {info}" if info else ""
-        print(f"replfs: {args.role} mounted on {args.mount}{extra} "
+        print(f"replfs: {cfg.role} mounted on {cfg.mount}{extra} "
               f"(pid {proc.pid}, log {log_path})")
         return 0
     proc.wait()
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return cmd_status(args)
         if args.command == "demo":
-            from replfs.demo import run_demo
+            from replfs.tools.demo import run_demo
             return run_demo(args)
     except UsageError as exc:
         print(f"replfs: {exc}", file=sys.stderr)

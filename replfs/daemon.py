@@ -7,31 +7,32 @@ then mount with FUSE, and only then tell the waiting parent "ready" (so
 
 Shut-down (``fusermount3 -u``, ``umount``, SIGTERM, SIGINT): the FUSE loop
 ends, the images are flushed, NBD is disconnected cleanly (DISC), the
-overlays' scratch files are removed, exit 0.  ``auto_unmount`` makes
-fusermount3 remove the mount if the daemon dies without doing this.
+graph is closed and the overlays' scratch files are removed, exit 0.
+``auto_unmount`` makes fusermount3 remove the mount if the daemon dies
+without doing this.
+
+The graphs are built in :mod:`replfs.block.graph`, the replication state is
+the controllers' (:mod:`replfs.replication`); this module only orders their
+lives.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import signal
-import tempfile
 
 import pyfuse3
 import trio
 
-from replfs import fuseloop
 from replfs.block import raw
-from replfs.block.fault import FaultLayer
-from replfs.block.raw import RawImage
+from replfs.block.graph import PrimaryGraph, SecondaryGraph
+from replfs.config import MountConfig
 from replfs.errors import BlockError, ReplfsError
-from replfs.fs import ReplfsOps
-from replfs.gate import Gate
-from replfs.primary import Primary, ReplicatedDisk
-from replfs.secondary import Secondary, SecondaryDisk
+from replfs.fuse import fastwait
+from replfs.fuse.ops import ReplfsOps
+from replfs.replication.primary import PrimaryController
+from replfs.replication.secondary import SecondaryController
 
 log = logging.getLogger("replfs")
 
@@ -51,10 +52,11 @@ def fuse_options(role: str) -> set[str]:
 
 async def _serve_fuse(ops: ReplfsOps, mount: str, role: str, ready, nursery) -> None:
     pyfuse3.init(ops, mount, fuse_options(role))
-    if fuseloop.install(fuseloop.find_session_fd()):
-        raw.set_contention_probe(fuseloop.requests_waiting)
+    if fastwait.install(fastwait.find_session_fd()):
+        raw.set_contention_probe(fastwait.requests_waiting)
     else:
-        log.warning("pyfuse3 %s: the stock request wait is used (slower)", pyfuse3.__version__)
+        log.warning("the stock pyfuse3 request wait is used (slower): %s",
+                    fastwait.statistics()["reason"])
     try:
         nursery.start_soon(_signals)
         ready()
@@ -67,106 +69,81 @@ async def _signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
         async for signum in sigs:
             log.info("signal %s: unmounting", signal.Signals(signum).name)
-            fuseloop.request_exit()
+            fastwait.request_exit()
             pyfuse3.terminate()
             return
 
 
-def _wrap_faults(node, spec: str | None):
-    return FaultLayer(node, spec) if spec else node
-
-
-async def run_secondary(args, ready) -> None:
-    workdir = args.workdir
-    remove_workdir = False
-    if workdir is None:
-        workdir = tempfile.mkdtemp(prefix=".replfs-", dir=os.path.dirname(
-            os.path.abspath(args.disks[0][1])))
-        remove_workdir = True
-    else:
-        os.makedirs(workdir, exist_ok=True)
-    gate = Gate()
-    disks = {}
-    try:
-        for name, image in args.disks:
-            disks[name] = SecondaryDisk(name, image, workdir, gate,
-                                        cluster_size=args.cluster_size,
-                                        faults=args.inject_faults)
-    except BaseException:
-        for d in disks.values():
-            d.close()
-        if remove_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    ctl = Secondary(disks, gate, workdir, remove_workdir)
+async def run_secondary(cfg: MountConfig, ready) -> None:
     from replfs.nbd.server import NBDServer
 
-    server = NBDServer({n: d.export for n, d in disks.items()},
-                       max_clients_per_export=1,
-                       on_clients_changed=ctl.clients_changed)
+    ctl = SecondaryController()
+    graph = SecondaryGraph(cfg.images, workdir=cfg.workdir, cluster_size=cfg.cluster_size,
+                           faults=cfg.inject_faults, on_export_error=ctl.export_failed)
+    ctl.attach(graph)
+    server = NBDServer(graph.exports(), max_clients_per_export=1,
+                       admit=ctl.admit_primary, on_clients_changed=ctl.clients_changed,
+                       handshake_timeout=cfg.timeout)
     ctl.server = server
-    ops = ReplfsOps(ctl, {n: d.view for n, d in disks.items()})
+    ops = ReplfsOps(ctl, graph.views())
     ctl.on_view_changed = ops.invalidate_disks
     try:
         async with trio.open_nursery() as nursery:
-            host, port = args.listen
+            host, port = cfg.listen.host, cfg.listen.port
             try:
                 bound = await nursery.start(server.serve, host, port)
             except OSError as exc:
                 raise ReplfsError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
             ctl.listen = f"{bound[0]}:{bound[1]}"
-            log.info("secondary: NBD on %s, overlays in %s", ctl.listen, workdir)
-            await _serve_fuse(ops, args.mount, "secondary",
+            log.info("secondary: NBD on %s, overlays in %s", ctl.listen, graph.workdir)
+            await _serve_fuse(ops, cfg.mount, "secondary",
                               lambda: ready(ctl.listen), nursery)
             nursery.cancel_scope.cancel()
     finally:
         await ctl.shutdown()
 
 
-async def run_primary(args, ready) -> None:
+async def run_primary(cfg: MountConfig, ready) -> None:
     from replfs.nbd.client import connect
 
-    host, port = args.secondary
+    peer = cfg.secondary
+    ctl = PrimaryController(str(peer), cfg.timeout)
     async with contextlib.AsyncExitStack() as stack:
-        locals_ = {}
-        for name, image in args.disks:
-            local = RawImage(image, name=f"{name}:primary-disk")
-            stack.callback(local.close)
-            locals_[name] = _wrap_faults(local, args.inject_faults)
-        disks = {}
+        graph = PrimaryGraph(cfg.images, faults=cfg.inject_faults)
+        stack.callback(graph.close)
         clients = await stack.enter_async_context(trio.open_nursery())
-        for name, image in args.disks:
+        peers = {}
+        for name, image in cfg.images.items():
             try:
-                client = await connect(host, port, name, nursery=clients,
-                                       connect_timeout=args.timeout)
+                client = await connect(peer.host, peer.port, name, nursery=clients,
+                                       connect_timeout=cfg.timeout)
             except BlockError as exc:
                 raise ReplfsError(
-                    f"cannot connect to the secondary {host}:{port} for disk {name}: "
-                    f"{exc}") from None
+                    f"cannot connect to the secondary {peer} for disk {name}: {exc}") from None
             stack.push_async_callback(client.aclose)
-            if client.size != locals_[name].size:
+            size = graph.local[name].size
+            if client.size != size:
                 raise ReplfsError(
-                    f"disk {name}: size mismatch: primary image {image} is "
-                    f"{locals_[name].size} bytes, the secondary's disk is {client.size} bytes")
-            disks[name] = ReplicatedDisk(name, locals_[name], client,
-                                         timeout=args.timeout, on_failure=None)
-        ctl = Primary(disks, dict(args.disks), f"{host}:{port}")
-        ops = ReplfsOps(ctl, disks)
+                    f"disk {name}: size mismatch: primary image {image} is {size} bytes, "
+                    f"the secondary's disk is {client.size} bytes")
+            peers[name] = client
+        ctl.attach(graph.mirror(peers, on_peer_error=ctl.peer_failed), cfg.images)
+        ops = ReplfsOps(ctl, graph.disks)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ctl.watchdog)
-                await _serve_fuse(ops, args.mount, "primary", lambda: ready(None), nursery)
+                await _serve_fuse(ops, cfg.mount, "primary", lambda: ready(None), nursery)
                 nursery.cancel_scope.cancel()
         finally:
             await ctl.shutdown()
 
 
-def run(args, ready) -> None:
-    """Run the daemon of ``args.role`` until unmounted.  ``ready(info)`` is
+def run(cfg: MountConfig, ready) -> None:
+    """Run the daemon of ``cfg.role`` until unmounted.  ``ready(info)`` is
     called once the mount is live."""
-    main = run_primary if args.role == "primary" else run_secondary
+    main = run_primary if cfg.role == "primary" else run_secondary
     try:
-        trio.run(main, args, ready)
+        trio.run(main, cfg, ready)
     except BaseExceptionGroup as group:
         raise _first_leaf(group) from group
 

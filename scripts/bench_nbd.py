@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from tests._proc import free_port, wait_port  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
 IMAGE_SIZE = 512 * MiB
@@ -150,26 +151,6 @@ def fio_bench(port: int, bs: int, qd: int, step: int, seconds: float) -> tuple[i
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["write"]
     runtime = job["runtime"] / 1000.0
     return int(job["total_ios"]), runtime
-
-
-# -- process helpers --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited early ({proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 class Procs:

@@ -21,13 +21,12 @@ import sys
 import tempfile
 import time
 
-UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-
-def size_arg(text: str) -> int:
-    if text[-1:].upper() in UNITS:
-        return int(text[:-1]) * UNITS[text[-1].upper()]
-    return int(text)
+from replfs.units import parse_size  # noqa: E402
+from tests._proc import unmount  # noqa: E402
 
 
 def replfs(*argv) -> float:
@@ -62,7 +61,7 @@ def checkpoint(mount: str) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=size_arg, default=1 << 40)
+    ap.add_argument("--size", type=parse_size, default=1 << 40)
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
@@ -93,11 +92,7 @@ def main() -> int:
                   f"RSS {rss_mib(status(m)['pid']):.1f} MiB")
     finally:
         for m in reversed(mounts):
-            subprocess.run(["fusermount3", "-u", m], capture_output=True)
-        time.sleep(0.5)
-        for m in mounts:
-            if os.path.ismount(m):
-                subprocess.run(["fusermount3", "-u", "-z", m], capture_output=True)
+            unmount(m)  # fusermount3 -u, then -u -z if that fails
         shutil.rmtree(base, ignore_errors=True)
     return 0
 

@@ -5,7 +5,8 @@ How to use it
 Write a *factory*: a callable ``make_node(size, initial)`` returning an
 **async context manager** that yields a ``BlockNode`` of exactly ``size``
 bytes whose content reads as ``initial`` (``bytes``, ``len(initial) ==
-size``), and that cleans up on exit.  With ``contextlib``::
+size``), and that cleans up on exit (``close_graph([node])`` closes a whole
+stack).  With ``contextlib``::
 
     @asynccontextmanager
     async def make_node(size, initial):
@@ -15,7 +16,7 @@ size``), and that cleans up on exit.  With ``contextlib``::
         try:
             yield node
         finally:
-            node.close()
+            close_graph([node])
 
 An NBD factory starts a server over such a node and yields the client.  A
 check may call the factory more than once, so it must hand out a fresh node
@@ -44,9 +45,11 @@ from __future__ import annotations
 
 import errno
 import random
+from contextlib import asynccontextmanager
 
 import trio
 
+from replfs.block.base import BlockNode, close_graph, walk
 from replfs.errors import BlockError
 
 KiB = 1024
@@ -407,6 +410,26 @@ async def check_mixed_sequence(make_node, size=DEFAULT_SIZE):
                 await h.verify()
 
 
+async def check_edges(make_node, size=DEFAULT_SIZE):
+    """The graph interface: every node reachable through ``children()`` names
+    its edges with strings, its capabilities are booleans, and a writeback
+    hint changes nothing (whether or not the node can act on it)."""
+    async with _Run(make_node, size) as h:
+        for node in walk([h.node]):
+            edges = node.children()
+            assert isinstance(edges, dict), f"{node.name}: children() is {type(edges)}"
+            for name, child in edges.items():
+                assert isinstance(name, str) and isinstance(child, BlockNode), (
+                    f"{node.name}: edge {name!r} -> {child!r}")
+            assert isinstance(node.can_writeback, bool), f"{node.name}: can_writeback"
+            assert isinstance(node.can_abort, bool), f"{node.name}: can_abort"
+        await h.write(CL - 3, pattern(2 * CL, 1300))
+        await h.node.start_writeback(0, size)
+        await h.node.start_writeback(CL, 0)
+        await h.node.flush()
+        await h.check_range(0, 4 * CL)
+
+
 CHECKS = [
     check_size_and_content,
     check_aligned_writes,
@@ -425,7 +448,28 @@ CHECKS = [
     check_fua_and_flush,
     check_concurrent_writes,
     check_mixed_sequence,
+    check_edges,
 ]
+
+
+def node_factory(builder, tmp_path):
+    """``make_node`` for the checks, from ``builder(tmp_path, initial)``
+    returning ``(node, roots)`` or ``(node, roots, final)``: after the check
+    the graph under ``node`` and ``roots`` is closed (``close_graph``), and
+    ``await final()`` runs first when the check passed (an extra assertion,
+    e.g. that a mirror's peer equals its local image)."""
+
+    @asynccontextmanager
+    async def make_node(size, initial):
+        node, roots, *final = await builder(tmp_path, initial)
+        try:
+            yield node
+            if final and final[0] is not None:
+                await final[0]()
+        finally:
+            close_graph([node, *roots])
+
+    return make_node
 
 
 async def check_conformance(make_node, size: int = DEFAULT_SIZE, checks=None) -> None:

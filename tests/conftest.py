@@ -13,9 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+
+from tests import _proc
 
 BASE, PRIMARY, SECONDARY_VM = 0x11, 0x22, 0x33
 MiB = 1 << 20
@@ -100,26 +101,10 @@ class Mount:
             os.close(fd)
 
     def alive(self) -> bool:
-        if self.pid is None:
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        # a zombie is not alive; the daemon is not our child, so check /proc
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().split(")")[-1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
+        return self.pid is not None and _proc.alive(self.pid)
 
     def wait_exit(self, timeout: float = 20) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                return True
-            time.sleep(0.02)
-        return False
+        return self.pid is None or _proc.wait_gone(self.pid, timeout)
 
     def kill(self, sig=signal.SIGKILL) -> None:
         if self.pid is not None:
@@ -129,13 +114,12 @@ class Mount:
                 pass
 
     def unmount(self, timeout: float = 20) -> None:
-        if os.path.ismount(self.path):
-            subprocess.run(["fusermount3", "-u", self.path], capture_output=True)
+        """fusermount3 -u; if the daemon has not exited after ``timeout`` s,
+        SIGKILL; then a lazy unmount if anything is still mounted there."""
+        _proc.unmount(self.path, lazy=False)
         if not self.wait_exit(timeout):
-            self.kill(signal.SIGKILL)
-            self.wait_exit(5)
-        if os.path.ismount(self.path):
-            subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
+            _proc.stop_pid(self.pid, ((signal.SIGKILL, 5),))
+        _proc.unmount(self.path)
 
     def log_text(self) -> str:
         try:

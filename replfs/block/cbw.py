@@ -28,12 +28,15 @@ cluster size, default equal):
 ``checkpoint()`` takes the exclusive lock on everything (waits for in-flight
 writes) and empties ``target``: every cluster is re-armed, snapshot == disk.
 
-``refuse_writes(err, reason)`` makes every later write (including those
-already waiting for the lock) fail with ``BlockError(err, reason)``;
-failover uses ESHUTDOWN.  ``drain()`` waits for the writes in flight.
+The CBW neither refuses writes nor drains: the gated node in front of it
+(:mod:`replfs.block.gated`, the one quiesce mechanism) does both.
 
 Lock order across layers is active overlay -> CBW -> hidden overlay, never
 the reverse, so the stack cannot deadlock.
+
+Edges (QEMU's copy-before-write names them so): ``file`` is ``disk``,
+``target`` the hidden overlay; the snapshot's ``file`` is the CBW.  The CBW
+opens nothing itself, so ``close()`` has nothing to do.
 """
 
 from __future__ import annotations
@@ -42,10 +45,16 @@ import errno
 
 from replfs.block.base import BlockNode, Extent
 from replfs.block.overlay import Overlay
-from replfs.block.rangelock import RangeLock
+from replfs.core.counters import Counters
+from replfs.core.rangelock import RangeLock
 from replfs.errors import BlockError
 
 COPY_CHUNK = 4 * 1024 * 1024
+
+
+class CbwStats(Counters):
+    __slots__ = ("writes", "zero_ops", "trims", "bytes_written", "clusters_copied",
+                 "bytes_copied", "copy_errors", "checkpoints")
 
 
 class CopyBeforeWrite(BlockNode):
@@ -73,19 +82,8 @@ class CopyBeforeWrite(BlockNode):
         self._shift = cs.bit_length() - 1
         self.nclusters = (self.size + cs - 1) >> self._shift
         self.lock = RangeLock(self.name)
-        self._refused: BlockError | None = None
         self._snapshot = _Snapshot(self)
-        self.stats = {
-            "writes": 0,
-            "zero_ops": 0,
-            "trims": 0,
-            "bytes_written": 0,
-            "clusters_copied": 0,
-            "bytes_copied": 0,
-            "copy_errors": 0,
-            "refused": 0,
-            "checkpoints": 0,
-        }
+        self.stats = CbwStats()
 
     @property
     def snapshot(self) -> BlockNode:
@@ -93,27 +91,6 @@ class CopyBeforeWrite(BlockNode):
 
     def clusters(self, offset: int, length: int) -> tuple[int, int]:
         return offset >> self._shift, (offset + length + self.cluster_size - 1) >> self._shift
-
-    # -- write gate -------------------------------------------------------------------
-    def refuse_writes(self, err: int, reason: str) -> None:
-        self._refused = BlockError(err, reason)
-
-    def allow_writes(self) -> None:
-        self._refused = None
-
-    @property
-    def writes_refused(self) -> bool:
-        return self._refused is not None
-
-    def _gate(self) -> None:
-        if self._refused is not None:
-            self.stats["refused"] += 1
-            raise BlockError(self._refused.errno, str(self._refused))
-
-    async def drain(self) -> None:
-        """Wait until no write holds or waits for the lock."""
-        async with self.lock.exclusive(0, max(self.nclusters, 1)):
-            pass
 
     # -- the copy ----------------------------------------------------------------------
     async def _copy_old(self, c0: int, c1: int) -> None:
@@ -136,67 +113,62 @@ class CopyBeforeWrite(BlockNode):
                     n = min(COPY_CHUNK, y - x)
                     await target.write(x, await self.disk.read(x, n))
                     x += n
-                self.stats["clusters_copied"] += e - s
-                self.stats["bytes_copied"] += y - (s << tshift)
+                self.stats.clusters_copied += e - s
+                self.stats.bytes_copied += y - (s << tshift)
         except BlockError:
-            self.stats["copy_errors"] += 1
+            self.stats.copy_errors += 1
             raise
 
     async def _guarded(self, offset: int, length: int, apply) -> None:
-        self._gate()
-        self.check_write(offset, length)
-        if not length:
-            return
+        """Copy the old content of the touched clusters, then ``apply()``."""
         c0, c1 = self.clusters(offset, length)
         async with self.lock.exclusive(c0, c1):
-            self._gate()  # refused while we waited?
             await self._copy_old(c0, c1)
             await apply()
 
     # -- BlockNode ---------------------------------------------------------------------
-    async def read(self, offset: int, length: int) -> bytes:
-        self.check_read(offset, length)
-        if not length:
-            return b""
+    async def _read(self, offset: int, length: int) -> bytes:
         c0, c1 = self.clusters(offset, length)
         async with self.lock.shared(c0, c1):
             return await self.disk.read(offset, length)
 
-    async def write(self, offset: int, data, fua: bool = False) -> None:
+    async def _write(self, offset: int, data, fua: bool) -> None:
         mv = memoryview(data).cast("B")
         await self._guarded(offset, len(mv), lambda: self.disk.write(offset, mv, fua))
-        self.stats["writes"] += 1
-        self.stats["bytes_written"] += len(mv)
+        self.stats.writes += 1
+        self.stats.bytes_written += len(mv)
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+    async def _write_zeroes(self, offset: int, length: int, fua: bool) -> None:
         await self._guarded(offset, length, lambda: self.disk.write_zeroes(offset, length, fua))
-        self.stats["zero_ops"] += 1
+        self.stats.zero_ops += 1
 
-    async def trim(self, offset: int, length: int) -> None:
+    async def _trim(self, offset: int, length: int) -> None:
         await self._guarded(offset, length, lambda: self.disk.trim(offset, length))
-        self.stats["trims"] += 1
+        self.stats.trims += 1
 
     async def flush(self) -> None:
         await self.disk.flush()
 
-    def allocation(self, offset: int, length: int) -> list[Extent]:
+    def _allocation(self, offset: int, length: int) -> list[Extent]:
         return self.disk.allocation(offset, length)
+
+    def children(self) -> dict[str, BlockNode]:
+        return {"file": self.disk, "target": self.target}
 
     # -- epochs ------------------------------------------------------------------------
     async def checkpoint(self) -> None:
         """Re-arm every cluster: afterwards snapshot == disk."""
         async with self.lock.exclusive(0, max(self.nclusters, 1)):
             await self.target.make_empty()
-        self.stats["checkpoints"] += 1
+        self.stats.checkpoints += 1
 
     def statistics(self) -> dict:
         return {
             "name": self.name,
             "size": self.size,
             "cluster_size": self.cluster_size,
-            "writes_refused": self.writes_refused,
             "clusters_held": self.target.bitmap.count,
-            **self.stats,
+            **self.stats.as_dict(),
         }
 
 
@@ -211,23 +183,23 @@ class _Snapshot(BlockNode):
     def _ro(self) -> BlockError:
         return BlockError(errno.EPERM, f"{self.name}: the snapshot view is read-only")
 
-    async def read(self, offset: int, length: int) -> bytes:
-        self.check_read(offset, length)
-        if not length:
-            return b""
+    async def _read(self, offset: int, length: int) -> bytes:
         cbw = self._cbw
         c0, c1 = cbw.clusters(offset, length)
         async with cbw.lock.shared(c0, c1):
             return await cbw.target.read(offset, length)
 
-    async def write(self, offset: int, data, fua: bool = False) -> None:
+    async def _write(self, offset: int, data, fua: bool) -> None:
         raise self._ro()
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+    async def _write_zeroes(self, offset: int, length: int, fua: bool) -> None:
         raise self._ro()
 
-    async def trim(self, offset: int, length: int) -> None:
+    async def _trim(self, offset: int, length: int) -> None:
         raise self._ro()
 
     async def flush(self) -> None:
         pass
+
+    def children(self) -> dict[str, BlockNode]:
+        return {"file": self._cbw}

@@ -24,11 +24,19 @@ Spec syntax (whitespace ignored; the empty string means no rules)::
     START, END: bytes, END exclusive, with an optional K/M/G/T suffix (binary)
 
 A request matches a rule when its op is listed and, if the rule has a range,
-the request's bytes overlap it (so ranged rules never match ``flush`` or
-zero-length requests).  Rules are looked at in order: every matching delay
-rule sleeps, and the first matching error rule raises (after the delays
-before it in the list).  ``skip``/``count``/``prob`` are evaluated only for
-requests that match op and range.
+the request's bytes overlap it (so ranged rules never match ``flush``).
+Rules are looked at in order: every matching delay rule sleeps, and the
+first matching error rule raises (after the delays before it in the list).
+``skip``/``count``/``prob`` are evaluated only for requests that match op
+and range.  Bounds are checked before any rule, and zero-length requests
+never reach the rules (:class:`BlockNode` turns them into no-ops first).
+
+The layer is transparent to everything the rules do not name: ``allocation``,
+``start_writeback`` and ``abort`` go straight to ``child``, and the
+capabilities (``can_writeback``, ``can_abort``) are the child's, so a commit
+through a FaultLayer still starts writeback.  Its one edge is ``file``
+(``child``); it opens nothing, so ``close()`` closes nothing (the graph owns
+``child``: :func:`replfs.block.base.close_graph`).
 
 Examples::
 
@@ -47,7 +55,7 @@ from dataclasses import dataclass
 
 import trio
 
-from replfs.block.base import BlockNode, Extent
+from replfs.block.base import BlockNode, Extent, nbytes
 from replfs.errors import BlockError, UsageError
 
 OPS = ("read", "write", "zero", "trim", "flush")
@@ -182,24 +190,19 @@ class FaultLayer(BlockNode):
                     f"{op} of {length} bytes at {offset} (rule {rule.spec!r})",
                 )
 
-    async def read(self, offset: int, length: int) -> bytes:
-        self.check_read(offset, length)
+    async def _read(self, offset: int, length: int) -> bytes:
         await self._apply("read", offset, length)
         return await self.child.read(offset, length)
 
-    async def write(self, offset: int, data, fua: bool = False) -> None:
-        length = len(memoryview(data).cast("B"))
-        self.check_write(offset, length)
-        await self._apply("write", offset, length)
+    async def _write(self, offset: int, data, fua: bool) -> None:
+        await self._apply("write", offset, nbytes(data))
         await self.child.write(offset, data, fua)
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
-        self.check_write(offset, length)
+    async def _write_zeroes(self, offset: int, length: int, fua: bool) -> None:
         await self._apply("zero", offset, length)
         await self.child.write_zeroes(offset, length, fua)
 
-    async def trim(self, offset: int, length: int) -> None:
-        self.check_write(offset, length)
+    async def _trim(self, offset: int, length: int) -> None:
         await self._apply("trim", offset, length)
         await self.child.trim(offset, length)
 
@@ -207,11 +210,26 @@ class FaultLayer(BlockNode):
         await self._apply("flush", 0, 0)
         await self.child.flush()
 
-    def allocation(self, offset: int, length: int) -> list[Extent]:
+    def _allocation(self, offset: int, length: int) -> list[Extent]:
         return self.child.allocation(offset, length)
 
-    def close(self) -> None:
-        self.child.close()
+    # -- transparent to the rest ----------------------------------------------------
+    @property
+    def can_writeback(self) -> bool:
+        return self.child.can_writeback
+
+    @property
+    def can_abort(self) -> bool:
+        return self.child.can_abort
+
+    async def start_writeback(self, offset: int, length: int) -> None:
+        await self.child.start_writeback(offset, length)
+
+    def abort(self) -> None:
+        self.child.abort()
+
+    def children(self) -> dict[str, BlockNode]:
+        return {"file": self.child}
 
     def statistics(self) -> dict:
         return {

@@ -10,7 +10,12 @@ cluster is short when the size is not a cluster multiple.
 
 Overlays are volatile by design (the bitmap lives in memory; after a crash
 the content is gone anyway), so ``flush``/FUA do not fdatasync the data file
-unless ``sync_data=True``.  ``commit`` does flush the node it commits into.
+unless ``sync_data=True``.  The commit job (:mod:`replfs.jobs.commit`) does
+flush the node it commits into.
+
+Edges and ownership: ``children()`` is ``{"backing": backing}``.  The data
+file is the overlay's own (it creates it from ``path``, truncating), not a
+graph node, so ``close()`` closes it and nothing else.
 
 Reads
   take the shared range lock on the touched clusters, then read each run of
@@ -24,46 +29,57 @@ Writes (``write``, ``write_zeroes``, ``trim``)
   half-filled cluster.  The lock is cheap when uncontended, and small I/O to
   the page cache never really suspends anyway.
 
-  A partially covered *unallocated* head or tail cluster is first filled
-  from ``backing`` (``write`` does it all in one ``pwritev``: backing head +
-  data + backing tail).  Bits are set only after every byte is in the data
-  file, so a failed write (ENOSPC on the overlay's storage) leaves the
-  bitmap, hence the view of unallocated clusters, unchanged.
+  A request falls into three cases (nbdkit's cow filter names them so):
 
+  * *unaligned head*: it starts inside a cluster the overlay does not hold;
+    that cluster's bytes before the request come from ``backing``;
+  * *aligned body*: whole clusters, and clusters the overlay already holds;
+    nothing to read;
+  * *unaligned tail*: it ends inside a cluster the overlay does not hold;
+    that cluster's bytes after the request come from ``backing``.
+
+  ``_span`` finds the head and tail (sync, no I/O), ``_backing_around``
+  reads them (one read when both sit in one cluster).  ``write`` then does
+  it all in one ``pwritev``: backing head + data + backing tail.
   ``write_zeroes``/``trim`` must read as zeroes, never revealing
-  ``backing``: whole clusters are punched in the data file and marked
-  allocated; partial unallocated clusters are filled (backing + zeroes).
+  ``backing``: the head and tail clusters are written whole (backing +
+  zeroes), the body is punched in the data file, and all of it is marked
+  allocated.  Bits are set only after every byte is in the data file, so a
+  failed write (ENOSPC on the overlay's storage) leaves the bitmap, hence
+  the view of unallocated clusters, unchanged.
 
 ``make_empty()``
-  (exclusive on the whole disk) clears the bitmap (cost ~ dirty part of the
-  bitmap).  Never proportional to the disk size.  The data file keeps its
-  blocks (stale content nobody reads: every allocation writes its whole
-  cluster), so the next epoch's copies overwrite allocated blocks instead of
-  allocating new ones -- on ext4 here a fresh 1 MiB costs 2.4 ms, a rewrite
-  0.33 ms.  The file's space is the high-water mark of clusters ever held,
-  as with QEMU's qcow2 overlays.  ``reclaim=True`` drops the blocks too
-  (``ftruncate(0)`` and back, cost ~ what was allocated).
+  (``whole()``: exclusive on the whole disk) clears the bitmap (cost ~ dirty
+  part of the bitmap).  Never proportional to the disk size.  The data file
+  keeps its blocks (stale content nobody reads: every allocation writes its
+  whole cluster), so the next epoch's copies overwrite allocated blocks
+  instead of allocating new ones -- on ext4 here a fresh 1 MiB costs 2.4 ms,
+  a rewrite 0.33 ms.  The file's space is the high-water mark of clusters
+  ever held, as with QEMU's qcow2 overlays.  ``reclaim=True`` drops the
+  blocks too (``ftruncate(0)`` and back, cost ~ what was allocated).
 
-``commit(into=None)``
-  (exclusive on the whole disk) copies every allocated run, in order, in
-  chunks of at most 4 MiB, into ``into`` (default: ``backing``), flushes
-  it, then empties the overlay.  On failure nothing is emptied, so a commit
-  can be retried.  ``into`` exists because the secondary's active overlay
-  sits on a read-only view but commits into the disk under it.
+Whole-overlay jobs
+  such as the commit (:mod:`replfs.jobs.commit`) hold ``whole()``, read what
+  the overlay holds with ``allocated_ranges()`` and ``data``, and empty it
+  with ``make_empty_held()`` before they let go: no request runs meanwhile.
 """
 
 from __future__ import annotations
 
-import errno
 import os
+from collections.abc import Iterator
 
 from replfs.block.base import BlockNode, Extent
-from replfs.block.bitmap import ClusterBitmap
-from replfs.block.rangelock import RangeLock
 from replfs.block.raw import RawImage
-from replfs.errors import BlockError
+from replfs.core.bitmap import ClusterBitmap
+from replfs.core.counters import Counters
+from replfs.core.rangelock import RangeLock
 
-COMMIT_CHUNK = 4 * 1024 * 1024
+
+class OverlayStats(Counters):
+    # The commit job counts ``commits`` and ``bytes_committed``.
+    __slots__ = ("reads", "writes", "zero_ops", "trims", "fills", "bytes_written",
+                 "commits", "bytes_committed", "resets")
 
 
 class Overlay(BlockNode):
@@ -91,17 +107,7 @@ class Overlay(BlockNode):
         self.data = RawImage.create(self.path, self.size, name=f"{self.name}.data")
         self.bitmap = ClusterBitmap(self.nclusters)
         self.lock = RangeLock(self.name)
-        self.stats = {
-            "reads": 0,
-            "writes": 0,
-            "zero_ops": 0,
-            "trims": 0,
-            "fills": 0,
-            "bytes_written": 0,
-            "commits": 0,
-            "bytes_committed": 0,
-            "resets": 0,
-        }
+        self.stats = OverlayStats()
 
     # -- geometry ---------------------------------------------------------------
     def clusters(self, offset: int, length: int) -> tuple[int, int]:
@@ -123,117 +129,119 @@ class Overlay(BlockNode):
         c0, c1 = self.clusters(offset, length)
         return self.bitmap.all_set(c0, c1)
 
+    def allocated_ranges(self) -> Iterator[tuple[int, int]]:
+        """Byte ranges ``[a, b)`` the overlay holds, in order.  Hold
+        ``whole()`` while iterating, or the bitmap may change under you."""
+        shift, size = self._shift, self.size
+        for s, e in self.bitmap.set_runs():
+            yield s << shift, min(e << shift, size)
+
     # -- reads --------------------------------------------------------------------
-    async def read(self, offset: int, length: int) -> bytes:
-        self.check_read(offset, length)
-        if not length:
-            return b""
+    async def _read(self, offset: int, length: int) -> bytes:
         c0, c1 = self.clusters(offset, length)
         async with self.lock.shared(c0, c1):
-            data = await self._read_locked(offset, length, c0, c1)
-        self.stats["reads"] += 1
+            bm = self.bitmap
+            first_set = bm.next_set(c0, c1)
+            if first_set == c1:
+                data = await self.backing.read(offset, length)
+            elif first_set == c0 and bm.next_clear(c0, c1) == c1:
+                data = await self.data.read(offset, length)
+            else:
+                end = offset + length
+                parts = []
+                for s, e, allocated in bm.runs(c0, c1):
+                    a = max(offset, s << self._shift)
+                    b = min(end, e << self._shift)
+                    node = self.data if allocated else self.backing
+                    parts.append(await node.read(a, b - a))
+                data = b"".join(parts)
+        self.stats.reads += 1
         return data
 
-    async def _read_locked(self, offset: int, length: int, c0: int, c1: int) -> bytes:
-        bm = self.bitmap
-        first_set = bm.next_set(c0, c1)
-        if first_set == c1:
-            return await self.backing.read(offset, length)
-        if first_set == c0 and bm.next_clear(c0, c1) == c1:
-            return await self.data.read(offset, length)
-        end = offset + length
-        parts = []
-        for s, e, allocated in bm.runs(c0, c1):
-            a = max(offset, s << self._shift)
-            b = min(end, e << self._shift)
-            node = self.data if allocated else self.backing
-            parts.append(await node.read(a, b - a))
-        return b"".join(parts)
+    # -- writes: unaligned head, aligned body, unaligned tail -------------------------
+    def _span(self, offset: int, end: int, c0: int, c1: int) -> tuple[int, int]:
+        """What a write of ``[offset, end)`` must put in the data file:
+        ``[a, b)``, where ``a < offset`` if there is an unaligned head (cluster
+        c0 not held: ``a`` is its start) and ``b > end`` if there is an
+        unaligned tail (cluster c1-1 not held: ``b`` is its end)."""
+        a = c0 << self._shift
+        if a == offset or self.bitmap.test(c0):
+            a = offset
+        b = min(c1 << self._shift, self.size)
+        if b == end or self.bitmap.test(c1 - 1):
+            b = end
+        return a, b
 
-    # -- writes -------------------------------------------------------------------
-    async def write(self, offset: int, data, fua: bool = False) -> None:
+    async def _backing_around(self, a: int, offset: int, end: int, b: int) -> tuple[bytes, bytes]:
+        """``backing``'s ``[a, offset)`` and ``[end, b)`` (head and tail, either
+        may be empty); one read when both lie in one cluster."""
+        if a < offset and end < b and b - a <= self.cluster_size:
+            whole = await self.backing.read(a, b - a)
+            return whole[: offset - a], whole[end - a :]
+        head = await self.backing.read(a, offset - a) if a < offset else b""
+        tail = await self.backing.read(end, b - end) if end < b else b""
+        return head, tail
+
+    async def _write(self, offset: int, data, fua: bool) -> None:
         mv = memoryview(data).cast("B")
         length = len(mv)
-        self.check_write(offset, length)
-        if not length:
-            return
         end = offset + length
         c0, c1 = self.clusters(offset, length)
         async with self.lock.exclusive(c0, c1):
-            bm = self.bitmap
-            cstart = c0 << self._shift
-            clast_end = self._cend(c1 - 1)
-            need_head = offset > cstart and not bm.test(c0)
-            need_tail = end < clast_end and not bm.test(c1 - 1)
-            head = tail = b""
-            if need_head and need_tail and c1 - c0 == 1:
-                whole = await self.backing.read(cstart, clast_end - cstart)
-                head, tail = whole[: offset - cstart], whole[end - cstart :]
-            else:
-                if need_head:
-                    head = await self.backing.read(cstart, offset - cstart)
-                if need_tail:
-                    tail = await self.backing.read(end, clast_end - end)
-            if head or tail:
-                self.stats["fills"] += 1
-                bufs = [b for b in (head, mv, tail) if len(b)]
-                await self.data.writev(offset - len(head), bufs, fua and self.sync_data)
-            else:
+            a, b = self._span(offset, end, c0, c1)
+            if a == offset and b == end:  # aligned body only
                 await self.data.write(offset, mv, fua and self.sync_data)
-            bm.set_range(c0, c1)
-        self.stats["writes"] += 1
-        self.stats["bytes_written"] += length
-
-    async def _fill_zero(self, c: int, lo: int, hi: int) -> None:
-        """Write cluster ``c`` in full: zeroes on ``[lo, hi)``, backing around."""
-        cs, ce = c << self._shift, self._cend(c)
-        pre = await self.backing.read(cs, lo - cs) if lo > cs else b""
-        post = await self.backing.read(hi, ce - hi) if hi < ce else b""
-        bufs = [b for b in (pre, bytes(hi - lo), post) if b]
-        await self.data.writev(cs, bufs)
-        self.stats["fills"] += 1
+            else:  # and an unaligned head or tail: backing + data + backing
+                head, tail = await self._backing_around(a, offset, end, b)
+                self.stats.fills += 1
+                bufs = [x for x in (head, mv, tail) if len(x)]
+                await self.data.writev(a, bufs, fua and self.sync_data)
+            self.bitmap.set_range(c0, c1)
+        self.stats.writes += 1
+        self.stats.bytes_written += length
 
     async def _zero(self, offset: int, length: int) -> None:
-        self.check_write(offset, length)
-        if not length:
-            return
         end = offset + length
         c0, c1 = self.clusters(offset, length)
         async with self.lock.exclusive(c0, c1):
-            bm = self.bitmap
-            zstart, zend = offset, end
-            ce0 = self._cend(c0)
-            if (offset > c0 << self._shift or end < ce0) and not bm.test(c0):
-                hi = min(end, ce0)
-                await self._fill_zero(c0, offset, hi)
-                zstart = hi
-            cl = (c1 - 1) << self._shift
-            if c1 - 1 > c0 and end < self._cend(c1 - 1) and not bm.test(c1 - 1):
-                await self._fill_zero(c1 - 1, cl, end)
-                zend = cl
-            if zstart < zend:
+            a, b = self._span(offset, end, c0, c1)
+            zstart, zend = offset, end  # what is left to punch
+            if a < offset or end < b:
+                head, tail = await self._backing_around(a, offset, end, b)
+                if head and tail and c1 - c0 == 1:
+                    # Head and tail in one cluster: backing + zeroes + backing.
+                    await self.data.writev(a, [head, bytes(length), tail])
+                    zstart = zend
+                    self.stats.fills += 1
+                else:
+                    if head:  # unaligned head: cluster c0 whole, backing + zeroes
+                        zstart = self._cend(c0)
+                        await self.data.writev(a, [head, bytes(zstart - offset)])
+                        self.stats.fills += 1
+                    if tail:  # unaligned tail: cluster c1-1 whole, zeroes + backing
+                        zend = (c1 - 1) << self._shift
+                        await self.data.writev(zend, [bytes(end - zend), tail])
+                        self.stats.fills += 1
+            if zstart < zend:  # aligned body, and partial clusters already held
                 await self.data.write_zeroes(zstart, zend - zstart)
-            bm.set_range(c0, c1)
+            self.bitmap.set_range(c0, c1)
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+    async def _write_zeroes(self, offset: int, length: int, fua: bool) -> None:
         await self._zero(offset, length)
         if fua and self.sync_data:
             await self.data.flush()
-        self.stats["zero_ops"] += 1
+        self.stats.zero_ops += 1
 
-    async def trim(self, offset: int, length: int) -> None:
+    async def _trim(self, offset: int, length: int) -> None:
         await self._zero(offset, length)
-        self.stats["trims"] += 1
+        self.stats.trims += 1
 
     async def flush(self) -> None:
         if self.sync_data:
             await self.data.flush()
 
     # -- metadata ------------------------------------------------------------------
-    def allocation(self, offset: int, length: int) -> list[Extent]:
-        self.check_read(offset, length)
-        if not length:
-            return []
+    def _allocation(self, offset: int, length: int) -> list[Extent]:
         end = offset + length
         c0, c1 = self.clusters(offset, length)
         out = []
@@ -244,47 +252,29 @@ class Overlay(BlockNode):
         return out
 
     # -- whole-overlay operations ----------------------------------------------------
-    def _all(self):
+    def whole(self):
+        """The exclusive range lock on every cluster (``async with``): no
+        request runs while it is held."""
         return self.lock.exclusive(0, max(self.nclusters, 1))
 
     async def make_empty(self) -> None:
         """Forget every cluster: the overlay reads as ``backing`` again."""
-        async with self._all():
-            await self._make_empty_locked()
+        async with self.whole():
+            await self.make_empty_held()
 
-    async def _make_empty_locked(self) -> None:
+    async def make_empty_held(self) -> None:
+        """``make_empty`` for a caller that holds ``whole()`` already."""
         if not self.bitmap.count:
             return
         # Bits first: even if dropping the blocks fails, the view is right.
         self.bitmap.clear_all()
-        self.stats["resets"] += 1
+        self.stats.resets += 1
         if self.reclaim:
             await self.data.discard_all()
 
-    async def commit(self, into: BlockNode | None = None) -> None:
-        """Write every allocated cluster into ``into`` (default ``backing``),
-        flush it, then empty the overlay."""
-        target = self.backing if into is None else into
-        if target.size != self.size:
-            raise BlockError(
-                errno.EINVAL,
-                f"{self.name}: cannot commit {self.size} bytes into {target.name} "
-                f"({target.size} bytes)",
-            )
-        writeback = getattr(target, "start_writeback", None)  # a RawImage has it
-        async with self._all():
-            for s, e in self.bitmap.set_runs():
-                a, b = s << self._shift, min(e << self._shift, self.size)
-                while a < b:
-                    n = min(COMMIT_CHUNK, b - a)
-                    await target.write(a, await self.data.read(a, n))
-                    if writeback is not None:
-                        await writeback(a, n)
-                    self.stats["bytes_committed"] += n
-                    a += n
-            await target.flush()
-            self.stats["commits"] += 1
-            await self._make_empty_locked()
+    # -- graph -----------------------------------------------------------------------
+    def children(self) -> dict[str, BlockNode]:
+        return {"backing": self.backing}
 
     def close(self) -> None:
         self.data.close()
@@ -296,5 +286,5 @@ class Overlay(BlockNode):
             "cluster_size": self.cluster_size,
             "clusters_allocated": self.bitmap.count,
             "allocated_bytes": self.allocated_bytes,
-            **self.stats,
+            **self.stats.as_dict(),
         }

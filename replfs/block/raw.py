@@ -3,7 +3,7 @@
 Design note
 -----------
 Everything runs on the one trio thread, and a hop to a thread costs more
-(~100 us with ``trio.to_thread``, less with :mod:`replfs.block.iothreads`)
+(~100 us with ``trio.to_thread``, less with :mod:`replfs.core.iothreads`)
 than a 4 KiB ``pwrite`` into the page cache (~1 us).  So:
 
 * I/O of at most ``inline_max`` bytes (1 MiB + 4 KiB by default: one FUSE
@@ -20,7 +20,7 @@ than a 4 KiB ``pwrite`` into the page cache (~1 us).  So:
   depth 16: 14.4k/s against 10.6k/s blocking inline (threads for the misses
   were slower still: 5.6k/s through ``trio.to_thread``);
 * larger transfers, FUA writes and big hole punches go to
-  :mod:`replfs.block.iothreads` (never abandoned on cancel, so buffers and
+  :mod:`replfs.core.iothreads` (never abandoned on cancel, so buffers and
   the fd stay valid until the thread is done);
 * ``fdatasync`` is inline when little was written since the last one
   (``INLINE_FLUSH_MAX``), which makes it cheap (write + fsync: 4 KiB then a
@@ -41,9 +41,15 @@ FUA: ``pwritev(..., RWF_DSYNC)`` in a worker thread, falling back to write +
 
 Errors: every ``OSError`` becomes ``BlockError`` with the same errno; a short
 read (the file shrank under us) is EIO.  A read-only image refuses writes
-with EPERM.  ``close()`` is idempotent; if a worker thread still uses the fd
-the close is deferred until it returns, so the fd number is never reused
-under a running syscall.
+with EPERM (after the bounds check, which :class:`BlockNode` does).
+``close()`` is idempotent; if a worker thread still uses the fd the close is
+deferred until it returns, so the fd number is never reused under a running
+syscall.
+
+Beyond the interface: ``writev`` (one ``pwritev`` of several buffers: the
+overlay writes fill + data + fill with it), ``discard_all`` (the overlay's
+``reclaim``) and ``start_writeback`` (``can_writeback``: a bulk copy such as
+the commit job asks the kernel to start writing each chunk back).
 """
 
 from __future__ import annotations
@@ -56,8 +62,9 @@ import time
 
 import trio
 
-from replfs.block import iothreads
 from replfs.block.base import BlockNode
+from replfs.core import iothreads
+from replfs.core.counters import Counters
 from replfs.errors import BlockError
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -154,7 +161,14 @@ def _pwritev_full(fd: int, offset: int, buffers: list, flags: int = 0) -> None:
             os.fdatasync(fd)
 
 
+class RawStats(Counters):
+    __slots__ = ("reads", "reads_overlapped", "writes", "zero_ops", "trims", "flushes",
+                 "flushes_inline", "bytes_read", "bytes_written", "errors")
+
+
 class RawImage(BlockNode):
+    can_writeback = True
+
     def __init__(
         self,
         path: str | os.PathLike,
@@ -184,18 +198,7 @@ class RawImage(BlockNode):
         self._nowait_ok = hasattr(os, "RWF_NOWAIT")
         self._unflushed = 0  # bytes written (or zeroed) since the last flush began
         self._threaded_flushes = 0  # flushes still owed to a thread after a slow one
-        self.stats = {
-            "reads": 0,
-            "reads_overlapped": 0,
-            "writes": 0,
-            "zero_ops": 0,
-            "trims": 0,
-            "flushes": 0,
-            "flushes_inline": 0,
-            "bytes_read": 0,
-            "bytes_written": 0,
-            "errors": 0,
-        }
+        self.stats = RawStats()
 
     @classmethod
     def create(cls, path, size: int, **kwargs) -> "RawImage":
@@ -217,13 +220,16 @@ class RawImage(BlockNode):
         return self._fd
 
     def _fail(self, e: OSError, what: str) -> BlockError:
-        self.stats["errors"] += 1
+        self.stats.errors += 1
         return BlockError.from_oserror(e, f"{self.name}: {what}")
 
-    def _check_writable(self, offset: int, length: int) -> None:
-        self.check_write(offset, length)
+    def _writable_fd(self) -> int:
+        """The fd, for a request that changes the image."""
         if self.read_only:
             raise BlockError(errno.EPERM, f"{self.name}: image is read-only")
+        if self._closed:
+            raise BlockError(errno.EBADF, f"{self.name}: image is closed")
+        return self._fd
 
     async def _in_thread(self, fn, *args):
         self._threads += 1
@@ -249,12 +255,9 @@ class RawImage(BlockNode):
             raise
         return bytes(buf) if n == length else None
 
-    # -- I/O -------------------------------------------------------------------------
-    async def read(self, offset: int, length: int) -> bytes:
-        self.check_read(offset, length)
+    # -- I/O (the bounds are checked and empty requests dropped by BlockNode) --------
+    async def _read(self, offset: int, length: int) -> bytes:
         fd = self._fdcheck()
-        if not length:
-            return b""
         try:
             if length > self.inline_max:
                 data = await self._in_thread(_pread_full, fd, offset, length)
@@ -265,7 +268,7 @@ class RawImage(BlockNode):
                 # waiting: the disk then serves them all at once.
                 data = self._pread_cached(fd, offset, length)
                 if data is None:
-                    self.stats["reads_overlapped"] += 1
+                    self.stats.reads_overlapped += 1
                     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     data = _pread_full(self._fdcheck(), offset, length)
@@ -273,34 +276,33 @@ class RawImage(BlockNode):
                 data = _pread_full(fd, offset, length)
         except OSError as e:
             raise self._fail(e, f"read of {length} bytes at {offset}") from None
-        self.stats["reads"] += 1
-        self.stats["bytes_read"] += length
+        self.stats.reads += 1
+        self.stats.bytes_read += length
         return data
 
-    async def write(self, offset: int, data, fua: bool = False) -> None:
+    async def _write(self, offset: int, data, fua: bool) -> None:
         length = len(data) if type(data) is bytes else memoryview(data).nbytes
         if fua or length > self.inline_max:
-            return await self.writev(offset, [data], fua)
+            return await self._writev(offset, [data], length, fua)
         # The hot path: a small write to the page cache, inline.
-        self._check_writable(offset, length)
-        fd = self._fdcheck()
-        if not length:
-            return
+        fd = self._writable_fd()
         try:
             _pwrite_full(fd, offset, data)
         except OSError as e:
             raise self._fail(e, f"write of {length} bytes at {offset}") from None
-        self.stats["writes"] += 1
-        self.stats["bytes_written"] += length
+        self.stats.writes += 1
+        self.stats.bytes_written += length
         self._unflushed += length
 
     async def writev(self, offset: int, buffers: list, fua: bool = False) -> None:
         """Write the concatenation of ``buffers`` at ``offset`` (one pwritev)."""
         length = sum(memoryview(b).nbytes for b in buffers)
-        self._check_writable(offset, length)
-        fd = self._fdcheck()
-        if not length:
-            return
+        self.check_write(offset, length)
+        if length:
+            await self._writev(offset, buffers, length, fua)
+
+    async def _writev(self, offset: int, buffers: list, length: int, fua: bool) -> None:
+        fd = self._writable_fd()
         try:
             if fua:
                 await self._in_thread(self._write_fua, fd, offset, buffers)
@@ -313,8 +315,8 @@ class RawImage(BlockNode):
                 await self._in_thread(_pwritev_full, fd, offset, buffers)
         except OSError as e:
             raise self._fail(e, f"write of {length} bytes at {offset}") from None
-        self.stats["writes"] += 1
-        self.stats["bytes_written"] += length
+        self.stats.writes += 1
+        self.stats.bytes_written += length
         self._unflushed += length
 
     def _write_fua(self, fd: int, offset: int, buffers: list) -> None:
@@ -347,10 +349,7 @@ class RawImage(BlockNode):
             done += n
 
     async def _zero(self, offset: int, length: int, fua: bool, what: str) -> None:
-        self._check_writable(offset, length)
-        fd = self._fdcheck()
-        if not length:
-            return
+        fd = self._writable_fd()
         self._unflushed += length
         try:
             if length <= self.inline_max and not fua:
@@ -362,13 +361,13 @@ class RawImage(BlockNode):
         except OSError as e:
             raise self._fail(e, f"{what} of {length} bytes at {offset}") from None
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+    async def _write_zeroes(self, offset: int, length: int, fua: bool) -> None:
         await self._zero(offset, length, fua, "write_zeroes")
-        self.stats["zero_ops"] += 1
+        self.stats.zero_ops += 1
 
-    async def trim(self, offset: int, length: int) -> None:
+    async def _trim(self, offset: int, length: int) -> None:
         await self._zero(offset, length, False, "trim")
-        self.stats["trims"] += 1
+        self.stats.trims += 1
 
     async def start_writeback(self, offset: int, length: int) -> None:
         """Start writing ``[offset, offset+length)`` to the disk without
@@ -391,7 +390,7 @@ class RawImage(BlockNode):
             if inline:
                 t0 = time.monotonic()
                 os.fdatasync(fd)
-                self.stats["flushes_inline"] += 1
+                self.stats.flushes_inline += 1
                 if time.monotonic() - t0 > SLOW_FLUSH_S:
                     self._threaded_flushes = SLOW_FLUSH_PENALTY
             else:
@@ -400,14 +399,12 @@ class RawImage(BlockNode):
         except OSError as e:
             self._unflushed = INLINE_FLUSH_MAX + 1  # the next one in a thread
             raise self._fail(e, "flush") from None
-        self.stats["flushes"] += 1
+        self.stats.flushes += 1
 
     async def discard_all(self) -> None:
         """Drop every data block of a regular file (ftruncate to 0 and back to
         ``size``); cost is proportional to what was allocated."""
-        fd = self._fdcheck()
-        if self.read_only:
-            raise BlockError(errno.EPERM, f"{self.name}: image is read-only")
+        fd = self._writable_fd()
 
         def reset():
             os.ftruncate(fd, 0)
@@ -427,4 +424,4 @@ class RawImage(BlockNode):
             self._fd = -1
 
     def statistics(self) -> dict:
-        return {"name": self.name, "size": self.size, **self.stats}
+        return {"name": self.name, "size": self.size, **self.stats.as_dict()}

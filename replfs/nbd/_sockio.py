@@ -1,14 +1,17 @@
-"""Socket helpers shared by the trio NBD server and client.
+"""What the trio NBD server and client share: sockets, receiving, counters.
 
 Design note
 -----------
 Both ends of the replication link want the same socket treatment: Nagle off
 (the NBD document, "Protocol phases": both sides SHOULD set TCP_NODELAY) and
 big kernel buffers so a burst of VM writes never stalls on a full send
-buffer.  Output is gathered as a list of buffers and written with one
-``send`` (small total: joined first, a join of a few KiB is cheaper than an
-iovec) or ``sendmsg`` (large payloads: never concatenated), looping over
-partial writes.
+buffer.  Both also receive the same way (:meth:`FastSocket.feed`: bytes
+from the socket into the sans-IO core, the rest of a large payload with
+``recv_into`` straight into its final buffer).  Output is gathered as a
+list of buffers and written with one ``send`` (small total: joined first, a
+join of a few KiB is cheaper than an iovec) or ``sendmsg`` (large payloads:
+never concatenated), looping over partial writes.  Both count requests the
+same way (:class:`RequestStats`, the keys of their ``statistics()``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import socket
 
 import trio
+
+from replfs.core.counters import Counters
 
 #: Requested SO_SNDBUF / SO_RCVBUF.  Linux doubles the value and caps it at
 #: net.core.{w,r}mem_max; setting it switches autotuning off, so we only set
@@ -29,6 +34,12 @@ MAX_IOV = 256
 RECV_SIZE = 256 * 1024
 #: Every this many receives in a row that found data waiting, one yields.
 _STREAK = 8
+
+
+class RequestStats(Counters):
+    """Requests over one client's connection, or over all of a server's."""
+
+    __slots__ = ("requests", "reads", "writes", "bytes_read", "bytes_written", "flushes", "errors")
 
 
 def _sysctl(name: str) -> int:
@@ -79,12 +90,12 @@ class FastSocket:
     buffer is full, so sending a reply or request costs no trip through the
     trio scheduler.  Those waits are shielded from cancellation: a message is
     either sent whole or the socket is closed (a half-sent message would
-    corrupt the stream).  ``recv``/``recv_into`` wait with ``wait_readable``
-    when nothing is there; when data is there at once they return it without
-    yielding, except that every ``_STREAK``-th such call in a row is a
-    checkpoint, so a peer that keeps the socket full cannot starve other
-    tasks.  :meth:`close` wakes any task blocked on the socket with
-    ``trio.ClosedResourceError`` (``notify_closing``).
+    corrupt the stream).  :meth:`feed` (one receive step for a sans-IO core)
+    waits with ``wait_readable`` when nothing is there; when data is there at
+    once it returns without yielding, except that every ``_STREAK``-th such
+    call in a row is a checkpoint, so a peer that keeps the socket full
+    cannot starve other tasks.  :meth:`close` wakes any task blocked on the
+    socket with ``trio.ClosedResourceError`` (``notify_closing``).
     """
 
     __slots__ = ("sock", "peer", "_streak")
@@ -113,32 +124,29 @@ class FastSocket:
         if self.sock.fileno() == -1:
             raise trio.ClosedResourceError("socket was closed")
 
-    async def recv(self, nbytes: int) -> bytes:
-        self._check_open()
-        sock = self.sock
-        try:
-            data = sock.recv(nbytes)
-        except BlockingIOError:
-            pass
+    async def feed(self, core) -> None:
+        """One receive step for a sans-IO core (``connection.py``): the rest
+        of a large payload goes straight into the buffer the core offers
+        (``recv_into``), anything else through ``receive_data``; end of file
+        is fed as ``b""``.  Raises ``trio.ClosedResourceError`` once
+        :meth:`close` was called, ``OSError`` when the peer resets."""
+        view = core.payload_view()
+        if view is None:
+            core.receive_data(await self._recv(self.sock.recv, RECV_SIZE))
+            return
+        n = await self._recv(self.sock.recv_into, view)
+        if n:
+            core.payload_received(n)
         else:
-            self._streak += 1
-            if self._streak >= _STREAK:
-                self._streak = 0
-                await trio.lowlevel.checkpoint()
-            return data
-        self._streak = 0
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                return sock.recv(nbytes)
-            except BlockingIOError:
-                pass
+            core.receive_data(b"")
 
-    async def recv_into(self, view) -> int:
+    async def _recv(self, receive, arg):
+        """``receive(arg)`` (``sock.recv`` or ``sock.recv_into``) once the
+        socket is readable; a checkpoint every ``_STREAK``-th time in a row
+        that data was there at once."""
         self._check_open()
-        sock = self.sock
         try:
-            n = sock.recv_into(view)
+            result = receive(arg)
         except BlockingIOError:
             pass
         else:
@@ -146,12 +154,13 @@ class FastSocket:
             if self._streak >= _STREAK:
                 self._streak = 0
                 await trio.lowlevel.checkpoint()
-            return n
+            return result
         self._streak = 0
+        sock = self.sock
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:
-                return sock.recv_into(view)
+                return receive(arg)
             except BlockingIOError:
                 pass
 

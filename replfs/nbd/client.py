@@ -6,10 +6,15 @@ The primary host keeps one :class:`NBDClient` connected to the secondary and
 hands it every VM write, so it behaves like any other block layer: the I/O
 methods raise only :class:`~replfs.errors.BlockError`.
 
+* A block layer like any other: the base class checks bounds and skips
+  zero-length requests; this class overrides only ``_read`` / ``_write`` /
+  ``_write_zeroes`` / ``_trim`` (and ``flush``), which split, emulate and
+  count (below).  ``can_abort`` is True: :meth:`abort` drops the connection
+  at once.
 * Pipelining: any number of tasks may call ``read``/``write``/... at once.
   Each request gets a fresh cookie (the document's "handle") and a small
   ``_Pending`` record; one *reader* task parses replies with the sans-IO
-  :class:`~replfs.nbd.core.ClientConnection` and wakes the caller whose
+  :class:`~replfs.nbd.connection.ClientConnection` and wakes the caller whose
   cookie came back (replies may arrive in any order, "Transmission").
   Callers park with ``trio.lowlevel.wait_task_rescheduled`` (no Event per
   request).
@@ -22,13 +27,16 @@ methods raise only :class:`~replfs.errors.BlockError`.
   corrupt the stream); :meth:`abort` unblocks them by closing the socket.
 * Failure: a lost connection or a protocol error from the server fails
   every request in flight with ``BlockError(ECONNRESET, <cause>)`` and every
-  later request at once.  :meth:`abort` (synchronous) closes the socket
-  immediately and fails what is in flight with ``ESHUTDOWN``.
+  later request at once (a LocalProtocolError, our own mistake, does the
+  same with its ``errno_hint``).  :meth:`abort` (synchronous) closes the
+  socket immediately and fails what is in flight with ``ESHUTDOWN``.
   :meth:`aclose` waits for the requests in flight, sends NBD_CMD_DISC and
   closes ("Terminating the transmission phase": a soft disconnect).
 * Negotiation: NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE, falling back to
   NBD_OPT_EXPORT_NAME if the server answers NBD_REP_ERR_UNSUP.  A refusal
-  raises :class:`ExportRefusedError` carrying the server's message.
+  raises :class:`ExportRefusedError` carrying the server's message; a
+  protocol error raises ``BlockError(errno_hint)`` (EPROTO for the server's
+  fault, EINVAL for ours, e.g. an export name too long to send).
   Requests larger than the server's maximum block size are split; features
   the server does not advertise are emulated (FUA -> write + flush,
   WRITE_ZEROES -> writes of zeroes, TRIM -> write zeroes, so a trimmed range
@@ -47,34 +55,16 @@ import trio
 from replfs.block.base import BlockNode
 from replfs.errors import BlockError
 from replfs.nbd import proto as P
-from replfs.nbd._sockio import RECV_SIZE, FastSocket, tune_socket
-from replfs.nbd.core import (
-    NEED_DATA,
-    ClientConnection,
-    ClientFlags,
-    ConnectionClosed,
-    Disconnect,
-    ExportInfo,
-    OptAbort,
-    OptExportName,
-    OptGo,
-    OptionError,
-    ProtocolError,
-    RemoteProtocolError,
-    Reply,
-    Request,
-)
+from replfs.nbd._events import ClientFlags, ExportInfo, OptAbort, OptExportName, OptGo, OptionError  # handshake
+from replfs.nbd._events import ConnectionClosed, Disconnect, Reply, Request  # transmission
+from replfs.nbd._sockio import FastSocket, RequestStats, tune_socket
+from replfs.nbd.connection import NEED_DATA, ClientConnection
+from replfs.nbd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 log = logging.getLogger("replfs.nbd")
 
 __all__ = ["NBDClient", "ExportRefusedError", "connect", "open_client"]
 
-_READ = P.NBD_CMD_READ
-_WRITE = P.NBD_CMD_WRITE
-_FLUSH = P.NBD_CMD_FLUSH
-_TRIM = P.NBD_CMD_TRIM
-_WRITE_ZEROES = P.NBD_CMD_WRITE_ZEROES
-_FUA = P.NBD_CMD_FLAG_FUA
 _ZERO_CHUNK = 1024 * 1024
 #: Longest TRIM sent at once (its length field is 32 bits and it has no payload).
 _TRIM_CHUNK = 1 << 30
@@ -97,6 +87,8 @@ class ExportRefusedError(BlockError):
 
 
 class _Pending:
+    """One request in flight: who waits for it, and how it ended."""
+
     __slots__ = ("task", "done", "error", "data", "exc")
 
     def __init__(self):
@@ -106,11 +98,20 @@ class _Pending:
         self.data = None
         self.exc = None
 
+    def abort(self, raise_cancel):
+        """``wait_task_rescheduled``'s abort function: a cancelled caller
+        stops waiting; the request stays on the wire and its reply is
+        dropped."""
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
 
 class NBDClient(BlockNode):
     """One negotiated NBD connection.  Build it with :func:`connect` or
     :func:`open_client`; the reader and writer tasks must be running (see
     :meth:`start`) for requests to complete."""
+
+    can_abort = True
 
     def __init__(self, sock, core: ClientConnection, info: ExportInfo, *, host: str, port: int, export_name: str):
         self._sock = sock
@@ -138,14 +139,7 @@ class NBDClient(BlockNode):
         self._failure: BlockError | None = None
         self._closing = False
         self._started = False
-        # counters
-        self.requests = 0
-        self.reads = 0
-        self.writes = 0
-        self.bytes_read = 0
-        self.bytes_written = 0
-        self.flushes = 0
-        self.errors = 0
+        self.stats = RequestStats()
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self, nursery: trio.Nursery) -> None:
@@ -253,18 +247,12 @@ class NBDClient(BlockNode):
                         self._drained.set()
                     if self._closing and self._failure is None and not self._sending:
                         self._shutdown_disc()
-                view = core.payload_view()
-                if view is not None:
-                    n = await sock.recv_into(view)
-                    if n:
-                        core.payload_received(n)
-                    else:
-                        core.receive_data(b"")
-                else:
-                    core.receive_data(await sock.recv(RECV_SIZE))
+                await sock.feed(core)
         except RemoteProtocolError as exc:
             log.warning("nbd: %s: protocol error from server: %s", self.name, exc)
             self._fail(BlockError(errno.ECONNRESET, f"{self.name}: protocol error from server: {exc}"))
+        except LocalProtocolError as exc:  # our own mistake broke the core
+            self._fail(BlockError(exc.errno_hint, f"{self.name}: {exc}"))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(BlockError(errno.ECONNRESET, f"{self.name}: connection lost: {exc}"))
         finally:
@@ -315,11 +303,16 @@ class NBDClient(BlockNode):
             raise BlockError(errno.ESHUTDOWN, f"{self.name}: client is disconnecting")
         cookie = self._next_cookie
         self._next_cookie = cookie + 1
-        parts = self._core.send_parts(Request(command, flags, cookie, offset, length, data))
+        try:
+            parts = self._core.send_parts(Request(command, flags, cookie, offset, length, data))
+        except LocalProtocolError as exc:
+            # Our own mistake broke the core for good, and so the connection.
+            self._fail(BlockError(exc.errno_hint, f"{self.name}: {exc}"))
+            raise BlockError(self._failure.errno, str(self._failure)) from exc
         p = _Pending()
         waiters = self._waiters
         waiters[cookie] = p
-        self.requests += 1
+        self.stats.requests += 1
         self._out += parts
         if len(waiters) == 1 and not self._sending:
             await self._flush_out()
@@ -327,17 +320,11 @@ class NBDClient(BlockNode):
             self._writer_lot.unpark()
         if not p.done:
             p.task = trio.lowlevel.current_task()
-
-            def abort_fn(raise_cancel, p=p):
-                # The request stays on the wire; its reply will be dropped.
-                p.task = None
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort_fn)
+            await trio.lowlevel.wait_task_rescheduled(p.abort)
         if p.exc is not None:
             raise BlockError(p.exc.errno, str(p.exc))
         if p.error:
-            self.errors += 1
+            self.stats.errors += 1
             err = P.nbd_to_errno(p.error)
             raise BlockError(
                 err,
@@ -355,89 +342,79 @@ class NBDClient(BlockNode):
                 f"server's minimum block size {m}",
             )
 
-    def _check_writable(self) -> None:
+    def _check_write(self, offset: int, length: int, fua: bool = False) -> int:
+        """Refuse what the server would refuse anyway; returns the command
+        flags: FUA when asked for and the server can do it (otherwise 0, and
+        a caller that asked for FUA flushes afterwards)."""
         if self.read_only:
             raise BlockError(errno.EPERM, f"{self.name}: export is read-only")
+        self._check_aligned(offset, length)
+        if fua and self.transmission_flags & P.NBD_FLAG_SEND_FUA:
+            return P.NBD_CMD_FLAG_FUA
+        return 0
 
-    # -- BlockNode interface -------------------------------------------------------------
-    async def read(self, offset: int, length: int) -> bytes:
-        self.check_read(offset, length)
-        if not length:
-            return b""
+    # -- BlockNode interface (the base class checks bounds and skips length 0) -----------
+    async def _read(self, offset: int, length: int) -> bytes:
         self._check_aligned(offset, length)
         limit = self._max_request
         if length <= limit:
-            data = await self._request(_READ, 0, offset, length)
+            data = await self._request(P.NBD_CMD_READ, 0, offset, length)
         else:
             pieces = []
             for off in range(offset, offset + length, limit):
-                pieces.append(await self._request(_READ, 0, off, min(limit, offset + length - off)))
+                pieces.append(await self._request(P.NBD_CMD_READ, 0, off, min(limit, offset + length - off)))
             data = b"".join(pieces)
-        self.reads += 1
-        self.bytes_read += length
+        stats = self.stats
+        stats.reads += 1
+        stats.bytes_read += length
         return data if type(data) is bytes else bytes(data)
 
-    async def write(self, offset: int, data, fua: bool = False) -> None:
+    async def _write(self, offset: int, data, fua: bool) -> None:
         if type(data) is not bytes and type(data) is not bytearray:
             data = memoryview(data).cast("B")
         length = len(data)
-        self.check_write(offset, length)
-        self._check_writable()
-        if not length:
-            return
-        self._check_aligned(offset, length)
-        tflags = self.transmission_flags
-        flags = _FUA if fua and tflags & P.NBD_FLAG_SEND_FUA else 0
+        flags = self._check_write(offset, length, fua)
         limit = self._max_request
         if length <= limit:
-            await self._request(_WRITE, flags, offset, length, data)
+            await self._request(P.NBD_CMD_WRITE, flags, offset, length, data)
         else:
             view = memoryview(data)
             for pos in range(0, length, limit):
                 chunk = view[pos : pos + limit]
-                await self._request(_WRITE, flags, offset + pos, len(chunk), chunk)
-        self.writes += 1
-        self.bytes_written += length
+                await self._request(P.NBD_CMD_WRITE, flags, offset + pos, len(chunk), chunk)
+        stats = self.stats
+        stats.writes += 1
+        stats.bytes_written += length
         if fua and not flags:
             await self.flush()
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
-        self.check_write(offset, length)
-        self._check_writable()
-        if not length:
-            return
-        self._check_aligned(offset, length)
-        tflags = self.transmission_flags
-        if not tflags & P.NBD_FLAG_SEND_WRITE_ZEROES:
+    async def _write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        flags = self._check_write(offset, length, fua)
+        if not self.transmission_flags & P.NBD_FLAG_SEND_WRITE_ZEROES:
             zeroes = bytes(min(length, _ZERO_CHUNK))
             for off in range(offset, offset + length, len(zeroes)):
                 n = min(len(zeroes), offset + length - off)
-                await self.write(off, zeroes[:n] if n < len(zeroes) else zeroes, fua)
+                await self._write(off, zeroes[:n] if n < len(zeroes) else zeroes, fua)
             return
-        flags = _FUA if fua and tflags & P.NBD_FLAG_SEND_FUA else 0
         limit = self._max_request
         for off in range(offset, offset + length, limit):
-            await self._request(_WRITE_ZEROES, flags, off, min(limit, offset + length - off))
+            await self._request(P.NBD_CMD_WRITE_ZEROES, flags, off, min(limit, offset + length - off))
         if fua and not flags:
             await self.flush()
 
-    async def trim(self, offset: int, length: int) -> None:
-        self.check_write(offset, length)
-        self._check_writable()
-        if not length:
-            return
-        self._check_aligned(offset, length)
+    async def _trim(self, offset: int, length: int) -> None:
+        self._check_write(offset, length)
         if not self.transmission_flags & P.NBD_FLAG_SEND_TRIM:
-            await self.write_zeroes(offset, length)
+            await self._write_zeroes(offset, length, False)
             return
         step = _TRIM_CHUNK - _TRIM_CHUNK % self._min_block
         for off in range(offset, offset + length, step):
-            await self._request(_TRIM, 0, off, min(step, offset + length - off))
+            await self._request(P.NBD_CMD_TRIM, 0, off, min(step, offset + length - off))
 
     async def flush(self) -> None:
         if self.transmission_flags & P.NBD_FLAG_SEND_FLUSH:
-            await self._request(_FLUSH, 0, 0, 0)
-            self.flushes += 1
+            await self._request(P.NBD_CMD_FLUSH, 0, 0, 0)
+            self.stats.flushes += 1
         elif self._failure is not None:
             raise BlockError(self._failure.errno, str(self._failure))
 
@@ -449,13 +426,7 @@ class NBDClient(BlockNode):
             "failure": None if self._failure is None else str(self._failure),
             "size": self.size,
             "transmission_flags": self.transmission_flags,
-            "requests": self.requests,
-            "reads": self.reads,
-            "writes": self.writes,
-            "bytes_read": self.bytes_read,
-            "bytes_written": self.bytes_written,
-            "flushes": self.flushes,
-            "errors": self.errors,
+            **self.stats.as_dict(),
             "in_flight": len(self._waiters),
         }
 
@@ -484,7 +455,7 @@ async def _next(core: ClientConnection, sock, where: str, closed_ok: bool = Fals
             raise BlockError(errno.ECONNRESET, f"{where}: server closed the connection during negotiation")
         if ev is not NEED_DATA:
             return ev
-        core.receive_data(await sock.recv(RECV_SIZE))
+        await sock.feed(core)
 
 
 async def _negotiate(sock, core: ClientConnection, export_name: str, where: str) -> ExportInfo:
@@ -562,7 +533,7 @@ async def connect(
         raise BlockError(errno.ETIMEDOUT, f"{where}: no answer within {connect_timeout:g} s") from None
     except ProtocolError as exc:
         sock.close()
-        raise BlockError(errno.EPROTO, f"{where}: handshake failed: {exc}") from exc
+        raise BlockError(exc.errno_hint, f"{where}: handshake failed: {exc}") from exc
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         if sock is not None:
             sock.close()

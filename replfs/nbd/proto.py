@@ -3,7 +3,7 @@
 Design note
 -----------
 Everything here is a plain constant or a precompiled :class:`struct.Struct`
-so that the parsers in :mod:`replfs.nbd.core` can unpack a header with one C
+so that the parsers in :mod:`replfs.nbd.connection` can unpack a header with one C
 call.  Names and values follow the NBD protocol document (NetworkBlockDevice
 ``doc/proto.md``); section names are quoted in the comments.  All integers on
 the wire are big-endian ("Conventions": network byte order).

@@ -1,11 +1,12 @@
-"""A thin trio NBD server around :class:`replfs.nbd.core.ServerConnection`.
+"""A thin trio NBD server around the sans-IO ``ServerConnection``.
 
 Design note
 -----------
 The secondary host runs one :class:`NBDServer`; the primary's NBD client
 connects to it and forwards every VM write.  Each accepted connection gets
-its own nursery and one *reader* task that receives bytes, feeds the sans-IO
-core and acts on the events.
+its own nursery and one *reader* task that receives bytes
+(:meth:`FastSocket.feed <replfs.nbd._sockio.FastSocket.feed>`, shared with
+the client), feeds the sans-IO core and acts on the events.
 
 * Cheap requests (READ / WRITE / TRIM / WRITE_ZEROES up to ``inline_max``
   bytes, no FUA) run inline in the reader, in arrival order: no task is
@@ -14,6 +15,10 @@ core and acts on the events.
   slow fsync does not stall the stream.  A request overlapping a write that
   is still running in such a task waits for it first, so writes to the same
   bytes are applied in the order the client sent them.
+* Each command has one handler (``_Conn._HANDLERS``, dispatched by
+  :meth:`_Conn.execute`); a read-only export refuses the write commands
+  once, before the handler, with EPERM (and advertises
+  NBD_FLAG_READ_ONLY).
 * "Ordering of messages and writes": a FLUSH calls the node's ``flush()``
   only after every write received before it has finished (inline writes
   have; spawned ones are awaited), which is stronger than the document's
@@ -26,15 +31,29 @@ core and acts on the events.
   Sends are shielded from cancellation (a half-written reply would corrupt
   the stream); closing the socket (``close_all``) unblocks them.
 * A :class:`~replfs.errors.BlockError` from the node becomes the NBD error
-  value in the reply ("Error values"); a read-only server answers writes
-  with EPERM and sets NBD_FLAG_READ_ONLY.
+  value in the reply ("Error values").
 * Malformed input (a RemoteProtocolError from the core) closes only that
   connection, with one log line on ``logging.getLogger("replfs.nbd")``.
-* ``max_clients_per_export``: a further NBD_OPT_GO gets NBD_REP_ERR_POLICY
-  with a message (NBD_OPT_EXPORT_NAME cannot carry an error: the session is
-  terminated).  ``set_accepting(False)`` answers options with
-  NBD_REP_ERR_SHUTDOWN ("Termination of the session during option
-  haggling").
+
+Who may connect: transport limits here, policy outside
+------------------------------------------------------
+The server enforces only what belongs to the transport; whether a client
+*should* be let in (the replication stage) is the caller's decision:
+
+* ``admit(export_name, clients_now) -> str | None`` (the admission hook) is
+  called for NBD_OPT_GO and NBD_OPT_EXPORT_NAME just before a client would
+  enter transmission, with the number of clients already in transmission on
+  that export.  None admits; a string refuses with NBD_REP_ERR_POLICY and
+  that string as the message.  A hook that raises refuses too (and is
+  logged).
+* ``max_clients_per_export``: a transport limit, checked before the hook; a
+  further client gets NBD_REP_ERR_POLICY with a message.
+* ``set_accepting(False)`` is for the daemon's own shutdown only: every
+  option but NBD_OPT_ABORT is answered NBD_REP_ERR_SHUTDOWN "server is
+  shutting down" ("Termination of the session during option haggling").
+
+NBD_OPT_EXPORT_NAME cannot carry an error: a refused one terminates the
+session, and the message only reaches the log.
 """
 
 from __future__ import annotations
@@ -49,37 +68,20 @@ import trio
 from replfs.block.base import BlockNode
 from replfs.errors import BlockError
 from replfs.nbd import proto as P
-from replfs.nbd._sockio import RECV_SIZE, FastSocket, tune_socket
-from replfs.nbd.core import (
-    NEED_DATA,
-    PAUSED,
-    BadRequest,
-    ClientFlags,
-    ConnectionClosed,
-    Disconnect,
-    ExportInfo,
-    ExportList,
-    Greeting,
-    OptAbort,
-    OptAck,
-    OptExportName,
-    OptGo,
-    OptInfo,
-    OptInvalid,
-    OptionError,
-    OptList,
-    OptUnknown,
-    RemoteProtocolError,
-    Reply,
-    Request,
-    ServerConnection,
-)
+from replfs.nbd._events import ClientFlags, ExportInfo, ExportList, Greeting, OptAck, OptionError  # handshake
+from replfs.nbd._events import OptAbort, OptExportName, OptGo, OptInfo, OptInvalid, OptList, OptUnknown  # options
+from replfs.nbd._events import BadRequest, ConnectionClosed, Disconnect, Reply, Request  # transmission
+from replfs.nbd._sockio import FastSocket, RequestStats, tune_socket
+from replfs.nbd.connection import NEED_DATA, PAUSED, ServerConnection
+from replfs.nbd.errors import RemoteProtocolError
 
 log = logging.getLogger("replfs.nbd")
 
 __all__ = ["NBDServer"]
 
 ExportsArg = Mapping[str, BlockNode] | Callable[[str], "BlockNode | None"]
+#: ``admit(export_name, clients_now)``: None admits, a string refuses.
+AdmitHook = Callable[[str, int], "str | None"]
 
 _READ = P.NBD_CMD_READ
 _WRITE = P.NBD_CMD_WRITE
@@ -91,6 +93,8 @@ _INLINE_COMMANDS = frozenset({_READ, _WRITE, _TRIM, _WRITE_ZEROES})
 _WRITE_COMMANDS = frozenset({_WRITE, _TRIM, _WRITE_ZEROES})
 #: Pending reply bytes above which the reader stops reading (backpressure).
 _OUTPUT_LIMIT = 16 * 1024 * 1024
+#: A connection that ends with one of these just lost its client.
+_LOST = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class NBDServer:
@@ -98,6 +102,8 @@ class NBDServer:
 
     ``exports`` maps export names to nodes, or is a callable returning the
     node for a name (None when unknown; NBD_OPT_LIST is then refused).
+    ``admit(export_name, clients_now)`` decides whether a client may enter
+    transmission (see the module's design note).
     ``on_clients_changed(export_name, count)`` is called (synchronously)
     whenever the number of clients in transmission on an export changes.
     """
@@ -108,6 +114,7 @@ class NBDServer:
         *,
         read_only: bool = False,
         max_clients_per_export: int | None = None,
+        admit: AdmitHook | None = None,
         on_clients_changed: Callable[[str, int], None] | None = None,
         inline_max: int = 1024 * 1024 + 4096,
         max_inflight: int = 64,
@@ -116,6 +123,7 @@ class NBDServer:
         self._exports = exports
         self.read_only = read_only
         self.max_clients_per_export = max_clients_per_export
+        self.admit = admit
         self.on_clients_changed = on_clients_changed
         self.inline_max = inline_max
         self.max_inflight = max_inflight
@@ -125,14 +133,8 @@ class NBDServer:
         self._clients: dict[str, int] = {}
         self.address: tuple[str, int] | None = None
         # counters (see statistics())
+        self.stats = RequestStats()
         self.connections_total = 0
-        self.requests = 0
-        self.reads = 0
-        self.writes = 0
-        self.bytes_read = 0
-        self.bytes_written = 0
-        self.flushes = 0
-        self.errors = 0
         self.protocol_errors = 0
 
     # -- public API ----------------------------------------------------------------
@@ -169,7 +171,9 @@ class NBDServer:
                     nursery.start_soon(conn.run)
 
     def set_accepting(self, accepting: bool) -> None:
-        """False: clients still negotiating get NBD_REP_ERR_SHUTDOWN."""
+        """False while the daemon shuts down: clients still negotiating get
+        NBD_REP_ERR_SHUTDOWN.  Not for refusing clients by policy: that is
+        the ``admit`` hook."""
         self._accepting = bool(accepting)
 
     @property
@@ -195,13 +199,7 @@ class NBDServer:
             "connections": len(self._conns),
             "connections_total": self.connections_total,
             "clients": dict(self._clients),
-            "requests": self.requests,
-            "reads": self.reads,
-            "writes": self.writes,
-            "bytes_read": self.bytes_read,
-            "bytes_written": self.bytes_written,
-            "flushes": self.flushes,
-            "errors": self.errors,
+            **self.stats.as_dict(),
             "protocol_errors": self.protocol_errors,
             "in_flight": sum(c.core.in_flight for c in self._conns),
         }
@@ -251,22 +249,30 @@ class NBDServer:
         node = self._lookup(ev.name)
         if node is None:
             return OptionError(P.NBD_REP_ERR_UNKNOWN, f"no export named {ev.name!r}")
-        entering = t is not OptInfo
-        limit = self.max_clients_per_export
-        if entering and limit is not None:
-            count = self._clients.get(ev.name, 0)
-            if count >= limit:
-                return OptionError(
-                    P.NBD_REP_ERR_POLICY,
-                    f"export {ev.name!r} already has {count} client(s) connected (limit {limit})",
-                )
-        if entering:
+        if t is not OptInfo:
+            refusal = self._refusal(ev.name)
+            if refusal is not None:
+                return OptionError(P.NBD_REP_ERR_POLICY, refusal)
             conn.enter(ev.name, node)
         return ExportInfo(
             node.size,
             self._transmission_flags(),
             (P.MIN_BLOCK_SIZE, P.PREFERRED_BLOCK_SIZE, P.MAX_BLOCK_SIZE),
         )
+
+    def _refusal(self, name: str) -> str | None:
+        """Why a client may not enter transmission on ``name`` now, or None."""
+        count = self._clients.get(name, 0)
+        limit = self.max_clients_per_export
+        if limit is not None and count >= limit:
+            return f"export {name!r} already has {count} client(s) connected (limit {limit})"
+        if self.admit is None:
+            return None
+        try:
+            return self.admit(name, count)
+        except Exception:
+            log.exception("nbd: admit hook failed for export %r", name)
+            return "admission check failed"
 
     def _client_count_changed(self, name: str, delta: int) -> None:
         count = self._clients.get(name, 0) + delta
@@ -322,36 +328,20 @@ class _Conn:
         try:
             with self.scope:
                 tune_socket(self.sock)
-                try:
-                    with trio.move_on_after(server.handshake_timeout) as hs_scope:
-                        entered = await self.handshake()
-                    if hs_scope.cancelled_caught:
-                        log.info("nbd: %s: handshake timed out", self.peer)
-                        return
-                    if not entered:
-                        return
-                    failure = None
-                    async with trio.open_nursery() as nursery:
-                        self.nursery = nursery
-                        try:
-                            await self.transmission()
-                        except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                            # Spawned requests still finish (their replies
-                            # are dropped); only reading stops.
-                            failure = exc
-                            self.broken = True
+                if await self.negotiate():
+                    failure = await self.serve_requests()
                     if failure is not None:
                         raise failure
                     await self.flush_output()
-                except RemoteProtocolError as exc:
-                    server.protocol_errors += 1
-                    log.warning("nbd: %s: closing connection, protocol error: %s", self.peer, exc)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    if not self.scope.cancel_called:
-                        log.info("nbd: %s: connection lost: %s", self.peer, exc)
-                except Exception:
-                    # A bug must not take the whole server down.
-                    log.exception("nbd: %s: connection failed", self.peer)
+        except RemoteProtocolError as exc:
+            server.protocol_errors += 1
+            log.warning("nbd: %s: closing connection, protocol error: %s", self.peer, exc)
+        except _LOST as exc:
+            if not self.scope.cancel_called:
+                log.info("nbd: %s: connection lost: %s", self.peer, exc)
+        except Exception:
+            # A bug must not take the whole server down.
+            log.exception("nbd: %s: connection failed", self.peer)
         finally:
             self.sock.close()
             server._conns.discard(self)
@@ -359,19 +349,30 @@ class _Conn:
                 server._client_count_changed(self.export_name, -1)
             self.finished.set()
 
-    # -- I/O -------------------------------------------------------------------------
-    async def receive(self) -> None:
-        core = self.core
-        view = core.payload_view()
-        if view is not None:
-            n = await self.sock.recv_into(view)
-            if n:
-                core.payload_received(n)
-            else:
-                core.receive_data(b"")
-            return
-        core.receive_data(await self.sock.recv(RECV_SIZE))
+    async def negotiate(self) -> bool:
+        """The handshake within ``handshake_timeout``; True once in transmission."""
+        with trio.move_on_after(self.server.handshake_timeout):
+            return await self.handshake()
+        log.info("nbd: %s: handshake timed out", self.peer)
+        return False
 
+    async def serve_requests(self) -> BaseException | None:
+        """Transmission until the client leaves; returns why reading stopped
+        (None for a clean end) only once every spawned request has finished.
+
+        Raising inside the nursery would cancel the spawned requests: they
+        finish instead, and their replies are dropped (``broken``).
+        """
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            try:
+                await self.transmission()
+            except (RemoteProtocolError, *_LOST) as exc:
+                self.broken = True
+                return exc
+        return None
+
+    # -- I/O -------------------------------------------------------------------------
     def queue_reply(self, cookie: int, error: int = 0, data=None) -> None:
         parts = self.core.send_parts(Reply(cookie, error, data))
         self.out.extend(parts)
@@ -391,7 +392,7 @@ class _Conn:
                 self.out = []
                 self.out_bytes = 0
                 await self.sock.send_buffers(bufs)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except _LOST:
             # The peer is gone: drop replies; the reader sees the end of
             # the stream, requests already running finish undisturbed.
             self.broken = True
@@ -409,7 +410,7 @@ class _Conn:
         while True:
             ev = core.next_event()
             if ev is NEED_DATA:
-                await self.receive()
+                await self.sock.feed(core)
                 continue
             t = type(ev)
             if t is ClientFlags:
@@ -434,15 +435,15 @@ class _Conn:
     # -- transmission ------------------------------------------------------------------
     async def transmission(self) -> None:
         core = self.core
-        server = self.server
+        stats = self.server.stats
         next_event = core.next_event
-        inline_max = server.inline_max
+        inline_max = self.server.inline_max
         while True:
             # Events first: the handshake may have left requests buffered.
             while True:
                 ev = next_event()
                 if type(ev) is Request:
-                    server.requests += 1
+                    stats.requests += 1
                     cmd = ev.command
                     if cmd in _INLINE_COMMANDS and ev.length <= inline_max and not ev.flags & _FUA:
                         if self.running_writes:
@@ -453,8 +454,8 @@ class _Conn:
                 elif ev is NEED_DATA:
                     break
                 elif type(ev) is BadRequest:
-                    server.requests += 1
-                    server.errors += 1
+                    stats.requests += 1
+                    stats.errors += 1
                     self.queue_reply(ev.cookie, ev.error)
                 elif type(ev) is Disconnect:
                     # "NBD_CMD_DISC": handle all outstanding requests, then
@@ -469,7 +470,7 @@ class _Conn:
                 await self.flush_output()
             while self.out_bytes > _OUTPUT_LIMIT and not self.broken:
                 await self.drained.wait()
-            await self.receive()
+            await self.sock.feed(core)
 
     async def spawn(self, ev: Request) -> None:
         while self.spawned >= self.server.max_inflight:
@@ -511,47 +512,53 @@ class _Conn:
 
     async def execute(self, ev: Request) -> None:
         """Run one request against the node and queue its reply."""
-        node = self.node
-        server = self.server
         cmd = ev.command
         try:
-            if cmd == _WRITE:
-                if self.read_only:
-                    raise BlockError(errno.EPERM, "export is read-only")
-                await node.write(ev.offset, ev.data, bool(ev.flags & _FUA))
-                server.writes += 1
-                server.bytes_written += ev.length
-                self.queue_reply(ev.cookie)
-            elif cmd == _READ:
-                data = await node.read(ev.offset, ev.length)
-                if len(data) != ev.length:
-                    raise BlockError(errno.EIO, f"node returned {len(data)} bytes for a {ev.length}-byte read")
-                server.reads += 1
-                server.bytes_read += ev.length
-                self.queue_reply(ev.cookie, 0, data)
-            elif cmd == _FLUSH:
-                await node.flush()
-                server.flushes += 1
-                self.queue_reply(ev.cookie)
-            elif cmd == _TRIM:
-                if self.read_only:
-                    raise BlockError(errno.EPERM, "export is read-only")
-                await node.trim(ev.offset, ev.length)
-                if ev.flags & _FUA:
-                    await node.flush()
-                self.queue_reply(ev.cookie)
-            elif cmd == _WRITE_ZEROES:
-                if self.read_only:
-                    raise BlockError(errno.EPERM, "export is read-only")
-                await node.write_zeroes(ev.offset, ev.length, bool(ev.flags & _FUA))
-                self.queue_reply(ev.cookie)
-            else:  # pragma: no cover - the core turns these into BadRequest
+            if self.read_only and cmd in _WRITE_COMMANDS:
+                raise BlockError(errno.EPERM, "export is read-only")
+            handler = self._HANDLERS.get(cmd)
+            if handler is None:  # pragma: no cover - the core turns these into BadRequest
                 raise BlockError(errno.EINVAL, f"unsupported {P.command_name(cmd)}")
+            await handler(self, ev)
         except BlockError as exc:
-            server.errors += 1
+            self.server.stats.errors += 1
             log.debug("nbd: %s: %s failed: %s", self.peer, P.command_name(cmd), exc)
             self.queue_reply(ev.cookie, P.errno_to_nbd(exc.errno))
         except Exception:
-            server.errors += 1
+            self.server.stats.errors += 1
             log.exception("nbd: %s: %s raised an unexpected error", self.peer, P.command_name(cmd))
             self.queue_reply(ev.cookie, P.NBD_EIO)
+
+    # -- one handler per command: run it on the node, queue the reply ------------------
+    async def _read(self, ev: Request) -> None:
+        data = await self.node.read(ev.offset, ev.length)
+        if len(data) != ev.length:
+            raise BlockError(errno.EIO, f"node returned {len(data)} bytes for a {ev.length}-byte read")
+        stats = self.server.stats
+        stats.reads += 1
+        stats.bytes_read += ev.length
+        self.queue_reply(ev.cookie, 0, data)
+
+    async def _write(self, ev: Request) -> None:
+        await self.node.write(ev.offset, ev.data, bool(ev.flags & _FUA))
+        stats = self.server.stats
+        stats.writes += 1
+        stats.bytes_written += ev.length
+        self.queue_reply(ev.cookie)
+
+    async def _flush(self, ev: Request) -> None:
+        await self.node.flush()
+        self.server.stats.flushes += 1
+        self.queue_reply(ev.cookie)
+
+    async def _trim(self, ev: Request) -> None:
+        await self.node.trim(ev.offset, ev.length)
+        if ev.flags & _FUA:
+            await self.node.flush()
+        self.queue_reply(ev.cookie)
+
+    async def _write_zeroes(self, ev: Request) -> None:
+        await self.node.write_zeroes(ev.offset, ev.length, bool(ev.flags & _FUA))
+        self.queue_reply(ev.cookie)
+
+    _HANDLERS = {_READ: _read, _WRITE: _write, _FLUSH: _flush, _TRIM: _trim, _WRITE_ZEROES: _write_zeroes}

@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{proc.args[0]} exited with status {proc.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+from tests import _proc
 
 
 @pytest.fixture
 def free_port():
     """``free_port()`` -> a TCP port on 127.0.0.1 nobody listens on (now)."""
-    return _free_port
+    return _proc.free_port
 
 
 @pytest.fixture
@@ -64,13 +45,13 @@ def external_server(tmp_path):
     procs: list[subprocess.Popen] = []
 
     def start(argv: list[str], timeout: float = 10.0) -> int:
-        port = _free_port()
+        port = _proc.free_port()
         argv = [a.format(port=port) for a in argv]
         log = open(tmp_path / f"{os.path.basename(argv[0])}-{port}.log", "wb")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         procs.append(proc)
-        _wait_port(port, proc, timeout)
+        _proc.wait_port(port, proc, timeout)
         return port
 
     try:

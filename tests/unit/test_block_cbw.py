@@ -1,5 +1,6 @@
 """CopyBeforeWrite and the secondary stack: copies, the snapshot view,
-in-flight copies, ENOSPC in the hidden overlay, refusal, checkpoint, failover."""
+in-flight copies, ENOSPC in the hidden overlay, edges, checkpoint, failover.
+(Write refusal and draining are the gated node's: replfs/block/gated.py.)"""
 
 import errno
 import os
@@ -8,11 +9,11 @@ import pytest
 import trio
 import trio.testing
 
+from replfs.block.base import close_graph, walk
 from replfs.block.cbw import CopyBeforeWrite
 from replfs.block.fault import FaultLayer
 from replfs.block.overlay import Overlay
 from replfs.block.raw import RawImage
-from replfs.block.secondary import SecondaryStack
 from replfs.errors import BlockError
 
 CL = 4096
@@ -37,12 +38,12 @@ def test_copies_once_per_epoch(tmp_path):
 
     async def main():
         await cbw.write(CL + 10, b"n" * 20)
-        assert cbw.stats["clusters_copied"] == 1 and hidden.bitmap.count == 1
+        assert cbw.stats.clusters_copied == 1 and hidden.bitmap.count == 1
         await cbw.write(CL + 100, b"N" * 20)  # same cluster: no second copy
-        assert cbw.stats["clusters_copied"] == 1
+        assert cbw.stats.clusters_copied == 1
         await cbw.write_zeroes(3 * CL - 1, CL + 2)  # clusters 2, 3 and 4
         await cbw.trim(10 * CL, 2 * CL)
-        assert cbw.stats["clusters_copied"] == 6
+        assert cbw.stats.clusters_copied == 6
         assert await cbw.snapshot.read(0, 16 * CL) == b"o" * 16 * CL
         disk_now = await cbw.read(0, 16 * CL)
         assert disk_now[CL + 10 : CL + 30] == b"n" * 20
@@ -52,7 +53,7 @@ def test_copies_once_per_epoch(tmp_path):
         assert hidden.bitmap.count == 0
         assert await cbw.snapshot.read(0, 16 * CL) == disk_now
         await cbw.write(CL + 10, b"z")
-        assert cbw.stats["clusters_copied"] == 7  # re-armed
+        assert cbw.stats.clusters_copied == 7  # re-armed
 
     trio.run(main)
     hidden.close()
@@ -147,7 +148,7 @@ def test_hidden_enospc_leaves_disk_and_view_alone(tmp_path, monkeypatch):
             with pytest.raises(BlockError) as e:
                 await op()
             assert e.value.errno == errno.ENOSPC
-        assert cbw.stats["copy_errors"] == 3
+        assert cbw.stats.copy_errors == 3
         assert await raw.read(0, 8 * CL) == b"o" * 8 * CL
         assert await cbw.snapshot.read(0, 8 * CL) == b"o" * 8 * CL
         assert hidden.bitmap.count == 0
@@ -160,124 +161,16 @@ def test_hidden_enospc_leaves_disk_and_view_alone(tmp_path, monkeypatch):
     raw.close()
 
 
-def test_refuse_and_allow_writes(tmp_path):
-    raw, disk, hidden, cbw = make(tmp_path, b"o" * 8 * CL, disk_rules="write:delay=1")
-
-    async def main():
-        results = []
-
-        async def write(off):
-            try:
-                await cbw.write(off, b"x")
-                results.append(("ok", off))
-            except BlockError as e:
-                results.append((e.errno, off))
-
-        async with trio.open_nursery() as n:
-            n.start_soon(write, 0)  # in flight: finishes
-            await trio.sleep(0.1)
-            n.start_soon(write, 1)  # waits for the lock: refused when it gets it
-            await trio.sleep(0.1)
-            cbw.refuse_writes(errno.ESHUTDOWN, "failover in progress")
-            assert cbw.writes_refused
-            n.start_soon(write, 5 * CL)  # refused at once
-            await cbw.drain()
-            assert cbw.lock.held == 0
-        assert sorted(results, key=str) == sorted([("ok", 0), (errno.ESHUTDOWN, 1), (errno.ESHUTDOWN, 5 * CL)], key=str)
-        with pytest.raises(BlockError) as e:
-            await cbw.trim(0, 1)
-        assert "failover in progress" in str(e.value)
-        await cbw.read(0, 1)  # reads still work
-        cbw.allow_writes()
-        await cbw.write(7, b"y")
-        assert cbw.stats["refused"] == 3
-
-    trio.run(main, clock=mock_clock())
-    hidden.close()
-    raw.close()
-
-
-def test_secondary_checkpoint_and_failover(tmp_path):
-    p = tmp_path / "disk.img"
-    p.write_bytes(b"0" * 16 * CL)
-    raw = RawImage(p)
-    st = SecondaryStack(raw, tmp_path / "hidden", tmp_path / "active", cluster_size=CL)
-    assert st.export is st.cbw and st.hidden.backing is raw and st.active.backing is st.cbw.snapshot
-
-    async def main():
-        await st.cbw.write(0, b"P" * CL)  # primary
-        await st.view.write(CL // 2, b"V" * CL)  # VM, over the checkpoint's data
-        assert await st.view.read(0, 2 * CL) == b"0" * (CL // 2) + b"V" * CL + b"0" * (CL // 2)
-        await st.checkpoint()
-        assert await st.view.read(0, 2 * CL) == b"P" * CL + b"0" * CL  # view == disk
-        await st.cbw.write(CL, b"Q" * CL)
-        await st.view.write(3 * CL, b"W" * 10)
-        view = await st.view.read(0, 16 * CL)
-        await st.failover()
-        assert st.failed_over
-        assert await raw.read(0, 16 * CL) == view
-        assert await st.view.read(0, 16 * CL) == view
-        with pytest.raises(BlockError) as e:
-            await st.cbw.write(0, b"late")
-        assert e.value.errno == errno.ESHUTDOWN
-        await st.view.write(0, b"after")  # straight to the disk now
-        assert await raw.read(0, 5) == b"after"
-        assert st.active.bitmap.count == 0
-        with pytest.raises(BlockError):
-            await st.checkpoint()
-        await st.failover()  # idempotent
-        assert st.statistics()["failed_over"]
-
-    trio.run(main)
-    st.close()
-
-
-def test_failover_waits_for_inflight_primary_writes(tmp_path):
-    # A primary write is in flight (its disk write is slow) when failover
-    # starts: failover must wait for it, so the disk ends up == the view.
-    p = tmp_path / "disk.img"
-    p.write_bytes(b"0" * 8 * CL)
-    raw = RawImage(p)
-    disk = FaultLayer(raw, "write:delay=3:count=1")  # only the primary's write is slow
-    st = SecondaryStack(disk, tmp_path / "hidden", tmp_path / "active", cluster_size=CL)
-
-    async def main():
-        await st.view.write(5 * CL, b"V" * 3)
-        view = await st.view.read(0, 8 * CL)
-        async with trio.open_nursery() as n:
-            n.start_soon(st.cbw.write, CL, b"P" * 100)
-            await trio.sleep(0.5)
-            n.start_soon(st.failover)
-            await trio.sleep(0.1)
-            # A VM request during failover waits, then goes to the disk.
-            n.start_soon(st.view.write, 7 * CL, b"late")
-        assert st.failed_over
-        disk_now = await raw.read(0, 8 * CL)
-        view_after = bytearray(view)
-        view_after[7 * CL : 7 * CL + 4] = b"late"
-        assert disk_now == view_after
-
-    trio.run(main, clock=mock_clock())
-    st.close()
-
-
-def test_failover_retry_after_commit_error(tmp_path):
-    p = tmp_path / "disk.img"
-    p.write_bytes(b"0" * 8 * CL)
-    raw = RawImage(p)
-    disk = FaultLayer(raw)
-    st = SecondaryStack(disk, tmp_path / "hidden", tmp_path / "active", cluster_size=CL)
-
-    async def main():
-        await st.cbw.write(0, b"P" * 10)
-        await st.view.write(2 * CL, b"V" * 10)
-        view = await st.view.read(0, 8 * CL)
-        disk.set_rules("write:EIO:count=1")
-        with pytest.raises(BlockError):
-            await st.failover()
-        assert not st.failed_over
-        await st.failover()
-        assert await raw.read(0, 8 * CL) == view
-
-    trio.run(main)
-    st.close()
+def test_edges_and_close_graph(tmp_path):
+    raw, disk, hidden, cbw = make(tmp_path, b"o" * 4 * CL, disk_rules="")
+    active = Overlay(tmp_path / "active", cbw.snapshot, cluster_size=CL)
+    assert cbw.children() == {"file": disk, "target": hidden}
+    assert cbw.snapshot.children() == {"file": cbw}
+    assert disk.children() == {"file": raw} and hidden.children() == {"backing": disk}
+    order = walk([active])
+    pos = {id(n): i for i, n in enumerate(order)}
+    assert len(order) == 6 and raw in order  # each node once, parents first
+    assert all(pos[id(n)] < pos[id(c)] for n in order for c in n.children().values())
+    close_graph([active])  # the fault layer no longer closes raw: the graph does
+    assert raw._closed and hidden.data._closed and active.data._closed
+    close_graph([active])  # idempotent

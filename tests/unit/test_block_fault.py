@@ -6,6 +6,7 @@ import pytest
 import trio
 import trio.testing
 
+from replfs.block.base import BlockNode
 from replfs.block.fault import FaultLayer, parse_rules
 from replfs.block.raw import RawImage
 from replfs.errors import BlockError, UsageError
@@ -119,3 +120,33 @@ def test_delay_and_passthrough(disk):
         assert node.size == disk.size and node.delayed == 3
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_transparent_to_hints_capabilities_and_close(disk):
+    """Rules apply to requests only: writeback hints, abort, the capabilities
+    and allocation are the child's.  Empty requests never reach a rule."""
+    node = FaultLayer(disk, "EIO")  # every request fails
+
+    class Remote(BlockNode):
+        can_abort = True
+        size, aborted = 4096, 0
+
+        def abort(self):
+            self.aborted += 1
+
+    async def main():
+        assert await outcome(node.read, 0, 1) == "EIO"
+        assert await outcome(node.write, 0, b"") == "ok"  # empty: no-op before any rule
+        await node.start_writeback(0, 4096)
+        assert node.allocation(0, 10) == disk.allocation(0, 10)
+
+    trio.run(main)
+    assert node.can_writeback and not node.can_abort
+    assert node.children() == {"file": disk}
+    remote = Remote()
+    over_remote = FaultLayer(remote)
+    assert over_remote.can_abort and not over_remote.can_writeback
+    over_remote.abort()
+    assert remote.aborted == 1
+    node.close()  # closes nothing: the graph owns the child
+    assert trio.run(disk.read, 0, 1) == b"d"

@@ -1,5 +1,5 @@
-"""Overlay specifics: bitmap bookkeeping, make_empty, commit, ENOSPC,
-concurrency, and the 1 TiB cost claims."""
+"""Overlay specifics: bitmap bookkeeping, make_empty, the commit job
+(replfs/jobs/commit.py), ENOSPC, concurrency, and the 1 TiB cost claims."""
 
 import errno
 import os
@@ -10,11 +10,12 @@ import pytest
 import trio
 import trio.testing
 
-from replfs.block.base import BlockNode, Extent
+from replfs.block.base import BlockNode, Extent, close_graph
 from replfs.block.fault import FaultLayer
-from replfs.block.overlay import COMMIT_CHUNK, Overlay
+from replfs.block.overlay import Overlay
 from replfs.block.raw import RawImage
 from replfs.errors import BlockError
+from replfs.jobs.commit import COMMIT_CHUNK, Progress, commit
 
 CL = 4096
 
@@ -26,28 +27,28 @@ def raw(tmp_path, content: bytes, name="backing.img") -> RawImage:
 
 
 class Spy(BlockNode):
-    """Records the writes and flushes that reach it."""
+    """Records the writes, writeback hints and flushes that reach it."""
 
     def __init__(self, child):
         self.child, self.size, self.name = child, child.size, "spy"
         self.log = []
 
-    async def read(self, off, n):
+    async def _read(self, off, n):
         return await self.child.read(off, n)
 
-    async def write(self, off, data, fua=False):
+    async def _write(self, off, data, fua):
         self.log.append(("write", off, len(data)))
         await self.child.write(off, data, fua)
 
-    async def write_zeroes(self, off, n, fua=False):
-        await self.child.write_zeroes(off, n, fua)
-
-    async def trim(self, off, n):
-        await self.child.trim(off, n)
+    async def start_writeback(self, off, n):
+        self.log.append(("writeback", off, n))
 
     async def flush(self):
         self.log.append(("flush",))
         await self.child.flush()
+
+    def children(self):
+        return {"file": self.child}
 
 
 def test_writes_stay_in_the_overlay(tmp_path):
@@ -130,19 +131,74 @@ def test_commit_in_order_in_chunks_then_empty(tmp_path):
         await ov.write(size - 200, b"\x02" * 200)  # the short last cluster
         await ov.write(0, b"\x03")
         view = await ov.read(0, size)
-        await ov.commit()
+        progress = await commit(ov)
         writes = [e for e in spy.log if e[0] == "write"]
         assert all(n <= COMMIT_CHUNK for _, _, n in writes)
         offsets = [off for _, off, _ in writes]
         assert offsets == sorted(offsets)
         assert spy.log[-1] == ("flush",)
+        assert not [e for e in spy.log if e[0] == "writeback"]  # not can_writeback
         assert ov.bitmap.count == 0
         assert await back.read(0, size) == view
         assert await ov.read(0, size) == view
+        total = (2 * COMMIT_CHUNK + 2 * CL) + (CL + 123)  # the run from 0; the last two clusters
+        assert (progress.done, progress.total) == (total, total)
+        assert sum(n for _, _, n in writes) == total == ov.stats.bytes_committed
 
     trio.run(main)
-    ov.close()
-    back.close()
+    close_graph([ov])
+
+
+def test_commit_starts_writeback_per_chunk_through_a_fault_layer(tmp_path):
+    """Pass-through layers forward ``can_writeback`` and ``start_writeback``:
+    hints stay on under fault injection."""
+    size = 2 * COMMIT_CHUNK + 4 * CL
+    back = raw(tmp_path, bytes(size))
+    hints = []
+    real = back.start_writeback
+
+    async def start_writeback(off, n):
+        hints.append((off, n))
+        await real(off, n)
+
+    back.start_writeback = start_writeback
+    faulty = FaultLayer(back, "delay=0")
+    assert faulty.can_writeback and not FaultLayer(Spy(back)).can_writeback
+    ov = Overlay(tmp_path / "ov", faulty, cluster_size=CL)
+
+    async def main():
+        await ov.write(CL, b"\x01" * (2 * COMMIT_CHUNK))
+        await commit(ov)
+        assert hints == [(CL, COMMIT_CHUNK), (CL + COMMIT_CHUNK, COMMIT_CHUNK)]
+        assert await back.read(CL, 2 * COMMIT_CHUNK) == b"\x01" * (2 * COMMIT_CHUNK)
+
+    trio.run(main)
+    close_graph([ov])
+
+
+def test_commit_progress_is_readable_while_it_runs(tmp_path):
+    back = raw(tmp_path, bytes(3 * COMMIT_CHUNK))
+    progress = Progress()
+    seen = []
+
+    class Watch(Spy):
+        async def _write(self, off, data, fua):
+            seen.append((progress.done, progress.total))  # as the commit goes
+            await super()._write(off, data, fua)
+
+    ov = Overlay(tmp_path / "ov", Watch(back), cluster_size=CL)
+
+    async def main():
+        await ov.write(0, b"c" * (2 * COMMIT_CHUNK + CL))
+        assert await commit(ov, progress=progress) is progress
+        total = 2 * COMMIT_CHUNK + CL
+        assert seen == [(0, total), (COMMIT_CHUNK, total), (2 * COMMIT_CHUNK, total)]
+        assert (progress.done, progress.total) == (total, total)
+        await commit(ov, progress=progress)  # nothing left: a retry starts from 0
+        assert (progress.done, progress.total) == (0, 0)
+
+    trio.run(main)
+    close_graph([ov])
 
 
 def test_commit_into_another_node_and_retry_after_failure(tmp_path):
@@ -156,18 +212,21 @@ def test_commit_into_another_node_and_retry_after_failure(tmp_path):
         await ov.write(0, b"1" * CL)
         await ov.write(5 * CL, b"2" * CL)
         with pytest.raises(BlockError) as e:
-            await ov.commit(into=faulty)  # second run fails
+            await commit(ov, into=faulty)  # second run fails
         assert e.value.errno == errno.EIO
         assert ov.bitmap.count == 2  # nothing emptied
-        await ov.commit(into=faulty)  # retry succeeds
+        await commit(ov, into=faulty)  # retry succeeds
         assert ov.bitmap.count == 0
         want = bytearray(b"o" * size)
         want[0:CL] = b"1" * CL
         want[5 * CL : 6 * CL] = b"2" * CL
         assert await other.read(0, size) == want
         assert await back.read(0, size) == b"b" * size
-        with pytest.raises(BlockError):
-            await ov.commit(into=RawImage.create(tmp_path / "small", 10))
+        small = RawImage.create(tmp_path / "small", 10)
+        with pytest.raises(BlockError) as e:
+            await commit(ov, into=small)
+        assert e.value.errno == errno.EINVAL
+        small.close()
 
     trio.run(main)
     for n in (ov, back, other):
@@ -220,7 +279,7 @@ def test_concurrent_partial_writes_to_one_cluster(tmp_path):
         for i in range(8):
             want[i * 100 : i * 100 + 50] = bytes([65 + i]) * 50
         assert await ov.read(CL, CL) == want
-        assert ov.stats["fills"] == 1  # the first filled, the others saw it allocated
+        assert ov.stats.fills == 1  # the first filled, the others saw it allocated
 
     trio.run(main)
     ov.close()
@@ -301,7 +360,7 @@ def test_one_tib_disk(tmp_path):
         assert ov.allocated_bytes == 12 * 65536
         ext = ov.allocation(0, size)
         assert [e.allocated for e in ext] == [True, False, True, False, True]
-        await ov.commit()
+        await commit(ov)
         assert await back.read(size - 3, 3) == b"end"
         await ov.write(size // 3, b"x")
         await ov.make_empty()

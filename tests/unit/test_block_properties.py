@@ -7,11 +7,11 @@ reads -- unaligned, across cluster boundaries, with small clusters (512 B to
 
 * ``RawMachine``: a RawImage (inline and threaded paths);
 * ``OverlayMachine``: an Overlay over a RawImage; models the overlay's
-  clusters and the backing (which must stay untouched, except through
-  ``commit``), plus make_empty/commit and injected ENOSPC in the overlay's
+  clusters and the backing (which must stay untouched, except through the
+  commit job), plus make_empty/commit and injected ENOSPC in the overlay's
   storage (the view must not change);
-* ``SecondaryMachine``: the whole secondary stack (``SecondaryStack``):
-  the primary writes through the CBW, the "VM" through the active overlay,
+* ``SecondaryMachine``: one secondary disk's whole graph (``SecondaryDisk``):
+  the primary writes through the gated export, the "VM" through the view,
   concurrently too, with checkpoints, ENOSPC in the hidden overlay and
   failover; models: disk, snapshot (disk at the last checkpoint) and view.
 
@@ -39,10 +39,13 @@ from hypothesis.stateful import (
 )
 
 from replfs.block.fault import FaultLayer
+from replfs.block.gated import Gate
+from replfs.block.graph import SecondaryDisk
 from replfs.block.overlay import Overlay
 from replfs.block.raw import RawImage
-from replfs.block.secondary import SecondaryStack
 from replfs.errors import BlockError
+from replfs.jobs.commit import commit
+from tests.replpair import checkpoint_disk, failover_disk
 
 SETTINGS = dict(
     deadline=None,
@@ -303,7 +306,7 @@ class OverlayMachine(_TmpMachine):
 
     @rule()
     def commit(self):
-        trio.run(self.ov.commit)
+        trio.run(commit, self.ov)
         self.backing_model = self.view()
         self.alloc = [False] * self.nclusters
 
@@ -323,7 +326,7 @@ class OverlayMachine(_TmpMachine):
 
 
 # ---------------------------------------------------------------------------
-# The secondary stack
+# One secondary disk's graph
 # ---------------------------------------------------------------------------
 
 
@@ -341,7 +344,7 @@ class SecondaryMachine(_TmpMachine):
             f.write(self.disk_model)
         self.raw = RawImage(self.path("disk.img"))
         disk = yielding(self.raw, seed) if yields else self.raw
-        self.stack = SecondaryStack(disk, self.path("hidden"), self.path("active"), cluster_size=cs)
+        self.stack = SecondaryDisk("d", disk, self.path(""), Gate(), cluster_size=cs)
         self.closers.append(self.stack)
         self.snap_model = bytearray(self.disk_model)
         self.view_model = bytearray(self.disk_model)
@@ -349,7 +352,7 @@ class SecondaryMachine(_TmpMachine):
 
     # -- the primary, through the CBW ------------------------------------------------
     async def _primary(self, off, buf, kind):
-        cbw = self.stack.cbw
+        cbw = self.stack.export
         if kind == "write":
             await cbw.write(off, buf)
         elif kind == "zero":
@@ -474,7 +477,7 @@ class SecondaryMachine(_TmpMachine):
         buf = blob(n, seed)
         failing = _FailingData(self.stack.hidden.data, ok)
         try:
-            trio.run(self.stack.cbw.write, off, buf)
+            trio.run(self.stack.export.write, off, buf)
         except BlockError as e:
             assert e.errno == errno.ENOSPC
         else:
@@ -485,7 +488,7 @@ class SecondaryMachine(_TmpMachine):
     @precondition(lambda self: not self.failed_over)
     @rule()
     def checkpoint(self):
-        trio.run(self.stack.checkpoint)
+        trio.run(checkpoint_disk, self.stack)
         self.snap_model = bytearray(self.disk_model)
         self.view_model = bytearray(self.disk_model)
         assert self.stack.hidden.bitmap.count == 0 and self.stack.active.bitmap.count == 0
@@ -493,7 +496,7 @@ class SecondaryMachine(_TmpMachine):
     @precondition(lambda self: not self.failed_over)
     @rule()
     def failover(self):
-        trio.run(self.stack.failover)
+        trio.run(failover_disk, self.stack)
         self.failed_over = True
         self.disk_model = bytearray(self.view_model)
         got = trio.run(read_all, self.raw, self.size)

@@ -17,15 +17,10 @@ import sys
 import tempfile
 import time
 
+from replfs.units import parse_size
+
 MiB = 1 << 20
 REGIONS = [("R0", 0), ("R1", 4 * MiB), ("R2", 8 * MiB), ("R3", 12 * MiB)]
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if text[-1:].upper() in units:
-        return int(text[:-1]) * units[text[-1].upper()]
-    return int(text)
 
 
 def describe(data: bytes) -> str:

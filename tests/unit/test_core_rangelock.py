@@ -3,7 +3,7 @@
 import trio
 import trio.testing
 
-from replfs.block.rangelock import RangeLock
+from replfs.core.rangelock import RangeLock
 
 
 def run(fn):

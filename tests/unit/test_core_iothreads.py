@@ -7,7 +7,7 @@ import threading
 import pytest
 import trio
 
-from replfs.block import iothreads
+from replfs.core import iothreads
 
 
 def test_result_and_exception_come_back():

@@ -3,10 +3,10 @@
 Design note
 -----------
 The handlers are thin: a disk file passes reads and writes to its node (the
-primary's :class:`~replfs.primary.ReplicatedDisk`, or the secondary's view)
-and turns :class:`~replfs.errors.BlockError` into ``FUSEError(errno)``; a
-control file runs one action of the controller (:class:`~replfs.primary.Primary`
-or :class:`~replfs.secondary.Secondary`).  No replication logic lives here.
+primary's :class:`~replfs.block.mirror.Mirror`, or the secondary's gated
+view) and turns :class:`~replfs.errors.BlockError` into ``FUSEError(errno)``;
+a control file runs one action of the controller through
+:mod:`replfs.fuse.control`.  No replication logic lives here.
 
 Layout (fixed inode numbers)::
 
@@ -37,19 +37,16 @@ import time
 import pyfuse3
 import trio
 
-from replfs import fuseloop
 from replfs.errors import BlockError
+from replfs.fuse import control, fastwait
 
 log = logging.getLogger("replfs.fs")
 
 ROOT = pyfuse3.ROOT_INODE
 CTL_DIR = 2
-ACTIONS = {b"checkpoint": 3, b"failover": 4, b"stop": 5}
+ACTIONS = {name.encode(): 3 + i for i, name in enumerate(control.ACTIONS)}
 STATUS = 6
 FIRST_DISK = 16
-
-#: Values a control file accepts (besides the action's own name).
-YES = {b"1", b"y", b"yes", b"true", b"on", b"now"}
 
 TIMEOUT = 3600.0  # attribute and entry cache: nothing here changes shape
 
@@ -213,7 +210,7 @@ class ReplfsOps(pyfuse3.Operations):
         action = self.ctl_inodes.get(fh)
         if action is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        await self.run_action(action, bytes(buf))
+        await control.run(self.ctl, action.decode(), bytes(buf))
         return len(buf)
 
     async def fsync(self, fh, datasync):
@@ -239,25 +236,9 @@ class ReplfsOps(pyfuse3.Operations):
     async def release(self, fh):
         self._status_snapshots.pop(fh, None)
 
-    # -- control ------------------------------------------------------------
-    async def run_action(self, action: bytes, value: bytes) -> None:
-        word = value.strip().lower()
-        if word not in YES and word != action:
-            self.ctl.last_error = (
-                f"{action.decode()}: unknown value {value.strip()[:40]!r} "
-                f"(write 1 to run the action)")
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        try:
-            await getattr(self.ctl, action.decode())()
-        except Exception as exc:
-            self.ctl.last_error = (str(exc) if isinstance(exc, BlockError)
-                                   else f"{action.decode()}: internal error: {exc!r}")
-            log.error("%s failed: %s", action.decode(), exc)
-            raise self._fuse_error(action.decode(), exc) from None
-        log.info("%s done", action.decode())
-
+    # -- status ------------------------------------------------------------
     def status_json(self) -> bytes:
-        status = {**self.ctl.status(), "fuse": fuseloop.statistics()}
+        status = {**self.ctl.status(), "fuse": fastwait.statistics()}
         return (json.dumps(status, indent=2, sort_keys=True) + "\n").encode()
 
     async def invalidate_disks(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replfs.block.bitmap import CHUNK, ClusterBitmap
+from replfs.core.bitmap import CHUNK, ClusterBitmap
 
 CHUNK_BITS = CHUNK * 8
 

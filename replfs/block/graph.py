@@ -1,0 +1,199 @@
+"""Each host's block graph, assembled in one place.
+
+Design note
+-----------
+The primary, one disk (``build_primary``)::
+
+    VM --> MOUNT/NAME --> Mirror --file--> [fault] --> IMAGE (RawImage)
+                                 \\--peer--> NBD client --> the secondary's export
+
+The secondary, one disk (:class:`SecondaryDisk`), in QEMU's names::
+
+    primary --NBD--> export: Gated --> CopyBeforeWrite --file--> [fault] --> IMAGE
+                                             | old data, once per epoch     ^
+                                             v target                       | backing
+                                         hidden Overlay --------------------+
+    VM --> MOUNT/NAME --> view: Gated --> active Overlay --backing--> cbw.snapshot
+                                     \\__ after failover: straight to IMAGE
+
+Every edge into a host's graph from outside (the VM's file, the NBD export)
+is a :class:`~replfs.block.gated.GatedNode` on the mount's one
+:class:`~replfs.block.gated.Gate`, so checkpoint, failover and stop are
+atomic for all disks.  The graph owns its nodes and closes them with
+:func:`~replfs.block.base.close_graph`; the secondary's overlays are scratch
+files in the workdir, removed when the graph closes.
+
+What the nodes *do* in each replication stage is not decided here: the
+controllers configure the enforcement points (the gated nodes' refusals,
+the mirror's peer edge) from ``replication/stage.py``.
+
+``checkpoint()``: the VM is paused and the primary's writes are done (COLO
+does that, and the gate is held): empties active, then re-arms the
+copy-before-write (empties hidden).  Afterwards view == snapshot == disk.
+
+``failover()``: with the gate held and the export refusing writes, commits
+hidden into the disk (disk := snapshot), then active into the disk (disk :=
+view), flushes, and points the view at the disk, like QEMU's active commit
+pivoting onto the secondary disk.  If a commit fails, the error is raised and
+``failover()`` can simply be called again: commits are idempotent and
+nothing is emptied before it was written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+
+from replfs.block.base import BlockNode, close_graph
+from replfs.block.cbw import CopyBeforeWrite
+from replfs.block.fault import FaultLayer
+from replfs.block.gated import ErrorHook, Gate, GatedNode
+from replfs.block.mirror import Mirror, PeerErrorHook
+from replfs.block.overlay import Overlay
+from replfs.block.raw import RawImage
+from replfs.jobs.commit import commit
+
+CLUSTER_SIZE = 64 * 1024
+
+
+def open_image(image: str, name: str, faults: str | None = None) -> BlockNode:
+    """A disk image, with injected faults below everything (tests, like
+    QEMU's blkdebug) when ``faults`` is a fault spec ("" = none yet)."""
+    node: BlockNode = RawImage(image, name=name)
+    if faults is not None:
+        node = FaultLayer(node, faults)
+    return node
+
+
+# -- the primary -------------------------------------------------------------------
+class PrimaryGraph:
+    """The local images of a primary mount, then (``mirror``) one Mirror each."""
+
+    def __init__(self, images: Mapping[str, str], *, faults: str | None = None) -> None:
+        self.images = dict(images)
+        self.local: dict[str, BlockNode] = {}
+        self.disks: dict[str, Mirror] = {}
+        try:
+            for name, image in self.images.items():
+                self.local[name] = open_image(image, f"{name}:primary-disk", faults)
+        except BaseException:
+            self.close()
+            raise
+
+    def mirror(self, peers: Mapping[str, BlockNode | None], *,
+               on_peer_error: PeerErrorHook) -> dict[str, Mirror]:
+        """Put a Mirror over each local image, with ``peers[name]`` as its peer."""
+        self.disks = {name: Mirror(name, local, peers.get(name), on_peer_error=on_peer_error)
+                      for name, local in self.local.items()}
+        return self.disks
+
+    def close(self) -> None:
+        """Close the local images (a dropped peer is closed by whoever dropped it)."""
+        close_graph(self.local.values())
+
+
+# -- the secondary -----------------------------------------------------------------
+class SecondaryDisk:
+    """The graph of one secondary disk (drawn in the module's note)."""
+
+    def __init__(self, name: str, disk: BlockNode, workdir: str | os.PathLike, gate: Gate,
+                 *, image: str | None = None, cluster_size: int = CLUSTER_SIZE,
+                 on_export_error: ErrorHook | None = None) -> None:
+        self.name = name
+        self.image = image
+        self.disk = disk
+        self.size = disk.size
+        self.hidden = self.active = None
+        try:
+            self.hidden = Overlay(os.path.join(workdir, f"{name}.hidden"), self.disk,
+                                  cluster_size=cluster_size, name=f"{name}.hidden")
+            self.cbw = CopyBeforeWrite(self.disk, self.hidden, name=f"{name}.cbw")
+            self.active = Overlay(os.path.join(workdir, f"{name}.active"), self.cbw.snapshot,
+                                  cluster_size=cluster_size, name=f"{name}.active")
+        except BaseException:
+            self.close()
+            raise
+        self.export = GatedNode(self.cbw, gate, f"{name}:export", on_error=on_export_error)
+        self.view = GatedNode(self.active, gate, f"{name}:view")
+        self.failed_over = False
+
+    async def checkpoint(self) -> None:
+        """Empty active, then hidden.  The caller holds the gate."""
+        await self.active.make_empty()
+        await self.cbw.checkpoint()
+
+    async def failover(self) -> None:
+        """Commit hidden, then active, into the disk and pivot the view onto
+        it.  The caller holds the gate and the export refuses writes."""
+        if self.failed_over:
+            return
+        await commit(self.hidden)                 # disk := snapshot
+        await commit(self.active, into=self.disk)  # disk := view
+        self.view.replace_child(self.disk)
+        self.failed_over = True
+
+    def statistics(self) -> dict:
+        return {
+            "size": self.size,
+            "image": self.image,
+            "hidden_bytes": self.hidden.allocated_bytes,
+            "active_bytes": self.active.allocated_bytes,
+            "primary": {**self.cbw.statistics(), **self.export.statistics()},
+            "view": self.active.statistics(),
+        }
+
+    def close(self) -> None:
+        """Close every node; remove the overlays' scratch files."""
+        close_graph(n for n in (self.active, self.hidden, self.disk) if n is not None)
+        for overlay in (self.active, self.hidden):
+            if overlay is None:
+                continue
+            try:
+                os.unlink(overlay.path)
+            except FileNotFoundError:
+                pass
+
+
+class SecondaryGraph:
+    """All disks of a secondary mount, their workdir and their one gate."""
+
+    def __init__(self, images: Mapping[str, str], *, workdir: str | None = None,
+                 cluster_size: int = CLUSTER_SIZE, faults: str | None = None,
+                 on_export_error: ErrorHook | None = None) -> None:
+        self.remove_workdir = workdir is None
+        if workdir is None:
+            first = next(iter(images.values()))
+            workdir = tempfile.mkdtemp(prefix=".replfs-",
+                                       dir=os.path.dirname(os.path.abspath(first)))
+        else:
+            os.makedirs(workdir, exist_ok=True)
+        self.workdir = workdir
+        self.gate = Gate()
+        self.disks: dict[str, SecondaryDisk] = {}
+        try:
+            for name, image in images.items():
+                disk = open_image(image, f"{name}:secondary-disk", faults)
+                try:
+                    self.disks[name] = SecondaryDisk(
+                        name, disk, workdir, self.gate, image=image,
+                        cluster_size=cluster_size, on_export_error=on_export_error)
+                except BaseException:
+                    close_graph([disk])
+                    raise
+        except BaseException:
+            self.close()
+            raise
+
+    def exports(self) -> dict[str, GatedNode]:
+        return {name: d.export for name, d in self.disks.items()}
+
+    def views(self) -> dict[str, GatedNode]:
+        return {name: d.view for name, d in self.disks.items()}
+
+    def close(self) -> None:
+        for d in self.disks.values():
+            d.close()
+        if self.remove_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)

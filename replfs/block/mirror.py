@@ -1,0 +1,155 @@
+"""The primary's disk: every write to the local image and to the peer.
+
+Design note
+-----------
+QEMU builds the primary as ``quorum(vote-threshold=1)`` over the local disk
+and a ``replication mode=primary`` node over an NBD client.  replfs keeps the
+same contract in one layer, :class:`Mirror`, with two child edges: ``file``
+(the local image) and ``peer`` (the secondary: an NBD client in the daemon,
+any block node in tests):
+
+* reads come from the local image only;
+* a write goes to the local image first; if that fails the VM gets the
+  error and the peer is sent nothing (the two stay equal).  Then it goes to
+  the peer, and completes when the peer has answered - or has been given up
+  on;
+* a failure of the peer (an error, a lost connection, or no answer in
+  time: the primary controller's watchdog checks :meth:`oldest_request_age`)
+  is *never* returned to the VM: it is handed to
+  ``on_peer_error(mirror, reason)`` and the write completes.  That is QEMU's
+  "replication error is recorded, not returned".  The controller then cuts
+  the peer edge of every disk (``drop_peer``), so a stalled peer that wakes
+  up later receives nothing more;
+* two writes that overlap are never in flight to the peer at the same time
+  (a range lock): the peer may serve concurrent requests in any order, and
+  the two images must end up equal;
+* ``flush()`` flushes both sides concurrently (NBD FLUSH on the wire); only
+  the local side's error reaches the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from replfs.block.base import BlockNode, Extent, nbytes
+from replfs.core.rangelock import RangeLock
+from replfs.errors import BlockError
+
+log = logging.getLogger("replfs.mirror")
+
+#: ``on_peer_error(mirror, reason)``: the peer failed a request.
+PeerErrorHook = Callable[["Mirror", str], None]
+
+
+class Mirror(BlockNode):
+    def __init__(self, name: str, local: BlockNode, peer: BlockNode | None,
+                 *, on_peer_error: PeerErrorHook) -> None:
+        if peer is not None and peer.size != local.size:
+            raise ValueError(f"{name}: the peer's size differs from the local image's")
+        self.name = name
+        self.local = local
+        self.peer = peer
+        self.size = local.size
+        self._on_peer_error = on_peer_error
+        self._order = RangeLock(f"{name}.order")
+        self._inflight: dict[int, float] = {}  # token -> start (trio clock)
+        self._next_token = 0
+        self.bytes_written = 0
+        self.bytes_replicated = 0
+        self.writes = 0
+
+    # -- the peer edge ------------------------------------------------------------
+    def drop_peer(self) -> BlockNode | None:
+        """Cut the peer edge; the caller owns (and closes) what it returns."""
+        peer, self.peer = self.peer, None
+        return peer
+
+    def oldest_request_age(self, now: float) -> float:
+        """Seconds the oldest request to the peer has been waiting."""
+        return now - min(self._inflight.values()) if self._inflight else 0.0
+
+    async def _to_peer(self, what: str, call) -> None:
+        peer = self.peer
+        if peer is None:
+            return
+        token = self._next_token
+        self._next_token = token + 1
+        self._inflight[token] = trio.current_time()
+        try:
+            await call(peer)
+        except Exception as exc:  # never fail the VM's I/O for the peer
+            if self.peer is peer:
+                self._on_peer_error(self, _describe(what, exc))
+        finally:
+            del self._inflight[token]
+
+    async def _mirrored(self, what: str, offset: int, length: int, call) -> None:
+        """Run ``call(node)`` on the local image, then on the peer."""
+        async with self._order.exclusive(offset, offset + length):
+            await call(self.local)
+            self.writes += 1
+            self.bytes_written += length
+            if self.peer is not None:
+                await self._to_peer(what, call)
+                if self.peer is not None:
+                    self.bytes_replicated += length
+
+    # -- BlockNode ----------------------------------------------------------------
+    async def _read(self, offset: int, length: int) -> bytes:
+        return await self.local.read(offset, length)
+
+    async def _write(self, offset: int, data, fua: bool) -> None:
+        await self._mirrored("write", offset, nbytes(data),
+                             lambda node: node.write(offset, data, fua))
+
+    async def _write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        await self._mirrored("write_zeroes", offset, length,
+                             lambda node: node.write_zeroes(offset, length, fua))
+
+    async def _trim(self, offset: int, length: int) -> None:
+        await self._mirrored("trim", offset, length, lambda node: node.trim(offset, length))
+
+    async def flush(self) -> None:
+        """Both sides at once; only the local side's error reaches the caller
+        (raised outside the nursery, so it is not wrapped in a group)."""
+        local_error = None
+        async with trio.open_nursery() as nursery:
+            if self.peer is not None:
+                nursery.start_soon(self._to_peer, "flush", lambda node: node.flush())
+                # Let it send NBD FLUSH before the local sync, which may run
+                # inline (blocking this thread): the two syncs then overlap.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            try:
+                await self.local.flush()
+            except BlockError as exc:
+                local_error = exc
+        if local_error is not None:
+            raise local_error
+
+    def _allocation(self, offset: int, length: int) -> list[Extent]:
+        return self.local.allocation(offset, length)
+
+    def children(self) -> dict[str, BlockNode]:
+        edges = {"file": self.local}
+        if self.peer is not None:
+            edges["peer"] = self.peer
+        return edges
+
+    def statistics(self) -> dict:
+        return {
+            "writes": self.writes,
+            "bytes_written": self.bytes_written,
+            "bytes_replicated": self.bytes_replicated,
+            "replicating": self.peer is not None,
+        }
+
+
+def _describe(what: str, exc: Exception) -> str:
+    """The reason in words; a bug (not a BlockError) says what it was."""
+    if isinstance(exc, BlockError):
+        return f"{what} on the secondary failed: {exc}"
+    log.error("%s on the secondary: unexpected error", what, exc_info=exc)
+    return f"{what} on the secondary failed: internal error {exc!r}"

@@ -1,0 +1,25 @@
+"""The replfs fio benchmark (run it as ``.venv/bin/python scripts/bench``), by concern:
+
+``__main__``     options, the run over the rows, the JSON copy
+``run``          one row: warm-up, jobs, checkpoint, failover; CPU and RSS per process
+``fio``          the fio job table, running fio, the figures taken from its JSON
+``rows``         ``Row`` (what a system under test provides) and the raw-file row
+``rows_replfs``  a replfs primary and secondary on loopback
+``rows_qemu``    QEMU's own block replication, its graph built over QMP
+``qmp``          a minimal QMP client
+``report``       the ratios and the printed table
+
+Process and mount helpers come from ``tests/_proc.py``, sizes from ``replfs.units``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLUSTER = 64 << 10
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

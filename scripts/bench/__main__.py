@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""The replfs benchmark: one fio job set on every row, one table, a JSON copy.
+
+Rows (each on fresh, fully allocated images of the same size and data, same warm-up):
+
+  raw             the raw image file on local disk
+  primary         the replfs primary's file, a replfs secondary attached on loopback
+  secondary       the replfs secondary's view, a replfs primary attached
+  qemu-primary    QEMU's own block replication (quorum + replication + NBD client),
+                  the primary's top node exported as a file (block-export-add type=fuse)
+  qemu-secondary  QEMU's secondary (NBD export of the disk, hidden and active qcow2
+                  overlays, replication mode=secondary under a quorum), its top node
+                  exported as a file
+
+Per row: warm-up (write the whole file once, 1 MiB sequential, then a checkpoint so
+the overlays are empty), the write jobs, a timed checkpoint (the dirty set is what the
+write jobs left), the read jobs, a fixed dirtying write (one 4 KiB write per 64 KiB
+cluster over the first quarter of the file), then a timed failover commit.
+
+Run:  .venv/bin/python scripts/bench [--size 1G] [--runtime 10] [--json out.json]
+                                    [--rows raw,primary,secondary,qemu-primary,qemu-secondary]
+                                    [--jobs seqwrite,randwrite-qd1,...]
+      (from the repository root, .venv/bin/python -m scripts.bench ... is the same)
+Read docs/benchmarks.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# `python scripts/bench` runs this file as a plain script (no package, scripts/bench/
+# as sys.path[0]): it then puts the repository root first on sys.path instead, and
+# runs itself again as the package's __main__, the way `python -m scripts.bench` does
+# from the repository root.  Either way the root is first on sys.path, for `replfs`
+# and `tests._proc` whatever the current directory.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(os.path.dirname(_HERE))
+if not __package__:
+    if sys.path and os.path.realpath(sys.path[0]) == os.path.realpath(_HERE):
+        del sys.path[0]
+    sys.path.insert(0, _REPO)
+    import runpy
+
+    runpy.run_module("scripts.bench", run_name="__main__", alter_sys=True)
+    sys.exit(0)  # not reached: main() ends with sys.exit
+if sys.path[:1] != [_REPO]:
+    sys.path.insert(0, _REPO)
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from replfs.units import MiB, parse_size  # noqa: E402
+
+from . import log  # noqa: E402
+from .fio import JOBS  # noqa: E402
+from .report import print_report, ratios  # noqa: E402
+from .rows import ALL_ROWS, ROW_TITLES  # noqa: E402
+from .rows_qemu import FAILOVER_NOTE, NODELAY_NOTE  # noqa: E402
+from .run import DROP_CACHES, run_row  # noqa: E402
+
+TMPFS_MAGIC = 0x01021994
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1G", help="image size (default 1G)")
+    ap.add_argument("--runtime", type=int, default=10, help="seconds per fio job (default 10)")
+    ap.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
+    ap.add_argument("--rows", default=",".join(ALL_ROWS),
+                    help=f"comma-separated, in this order (default {','.join(ALL_ROWS)})")
+    ap.add_argument("--jobs", default=",".join(j[0] for j in JOBS),
+                    help="comma-separated job ids to run (default: all); the checkpoint "
+                         "and failover are always timed")
+    ap.add_argument("--dir", default="/var/tmp",
+                    help="where the scratch images go (default /var/tmp; not tmpfs)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch images and logs")
+    ap.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
+                    help="do not drop the page cache before each job (done by default, as root)")
+    args = ap.parse_args(argv)
+
+    try:
+        args.size_bytes = parse_size(args.size)
+    except ValueError:
+        ap.error(f"--size: bad size {args.size!r}")
+    if args.size_bytes < 16 * MiB or args.size_bytes % MiB:
+        ap.error("--size must be a whole number of MiB, at least 16M")
+    if args.runtime < 1:
+        ap.error("--runtime must be at least 1")
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    bad = [n for n in names if n not in ALL_ROWS]
+    if bad or not names or len(set(names)) != len(names):
+        ap.error(f"--rows: expected a list of {', '.join(ALL_ROWS)}")
+    args.jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
+    if not args.jobs or set(args.jobs) - {j[0] for j in JOBS}:
+        ap.error(f"--jobs: expected a list of {', '.join(j[0] for j in JOBS)}")
+    if args.drop_caches and not os.access(DROP_CACHES, os.W_OK):
+        log(f"bench: note: {DROP_CACHES} is not writable (not root): page cache not dropped")
+        args.drop_caches = False
+    for tool in ("fio", "fusermount3"):
+        if not shutil.which(tool):
+            ap.error(f"{tool} is not installed (run scripts/setup.sh)")
+
+    os.makedirs(args.dir, exist_ok=True)
+    if _is_tmpfs(args.dir):
+        log(f"bench: warning: {args.dir} is tmpfs; the raw row will not measure a disk")
+    base = tempfile.mkdtemp(prefix="replfs-bench-", dir=args.dir)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    fio_version = subprocess.run(["fio", "--version"], capture_output=True,
+                                 text=True).stdout.strip()
+    load = os.getloadavg()[0]
+    results = {
+        "command": [_command()] + (argv or sys.argv[1:]),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": {"uname": " ".join(platform.uname()[:3]), "cpus": os.cpu_count(),
+                 "load_before": round(load, 2)},
+        "size": args.size_bytes, "runtime": args.runtime, "fio": fio_version,
+        "qemu": None, "dir": base, "kept": args.keep,
+        "jobs": [{"id": j[0], "title": j[1], "fio": j[3]} for j in JOBS],
+        "rows": {}, "notes": [],
+    }
+    if load > 1.0:
+        results["notes"].append(f"load average was {load:.2f} at the start: figures may be noisy")
+    qemu = shutil.which("qemu-system-x86_64")
+    qemu_rows = [n for n in names if n.startswith("qemu-")]
+    if qemu_rows:
+        if not qemu or not shutil.which("qemu-img"):
+            results["notes"].append(
+                "qemu-system-x86_64 (or qemu-img) is not installed: QEMU rows skipped "
+                "(apt-get install qemu-system-x86 qemu-utils)")
+        else:
+            results["qemu"] = subprocess.run([qemu, "--version"], capture_output=True,
+                                             text=True).stdout.splitlines()[0]
+            results["notes"] += [NODELAY_NOTE, FAILOVER_NOTE]
+
+    per_row = len(args.jobs) * args.runtime + 15
+    log(f"bench: {len(names)} rows x {len(args.jobs)} jobs x {args.runtime} s; about "
+        f"{len(names) * per_row / 60:.0f} min plus warm-ups; images in {base}")
+    t0 = time.monotonic()
+    interrupted = False
+    try:
+        for name in names:
+            r = results["rows"][name] = {"title": ROW_TITLES[name], "jobs": {}}
+            if name.startswith("qemu-") and not results["qemu"]:
+                r.update(ok=False, skipped="qemu-system-x86_64 not installed")
+                continue
+            run_row(name, base, args, r)
+            for n in r.pop("notes", []):
+                results["notes"].append(f"{name}: {n}")
+    except KeyboardInterrupt:
+        interrupted = True
+        results["notes"].append("interrupted: partial results")
+        log("bench: interrupted")
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    results["elapsed_s"] = time.monotonic() - t0
+    failed = [n for n, r in results["rows"].items() if r.get("error")]
+    for n in failed:
+        results["notes"].append(f"{n}: failed: {results['rows'][n]['error']}")
+    results["notes"].append(
+        ("before each job: sync, then the page cache dropped (drop_caches=1); "
+         if args.drop_caches else "before each job: sync (the page cache is not dropped); ") +
+        "psync jobs are buffered (a job's reads may hit the cache it fills); libaio jobs are O_DIRECT. Neither replfs nor QEMU 7.2's FUSE "
+        "export uses a writeback cache: every write reaches the daemon before it returns.")
+    results["ratios"] = ratios(results)
+    print_report(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+        log(f"bench: JSON written to {args.json}")
+    return 130 if interrupted else 1 if failed else 0
+
+
+def _command() -> str:
+    """How this was started, relative to the current directory: ``scripts/bench``
+    (run as a directory, or as ``-m scripts.bench``)."""
+    path = sys.argv[0]
+    if os.path.basename(path) == "__main__.py":
+        path = os.path.dirname(path)
+    return os.path.relpath(path, os.getcwd())
+
+
+def _is_tmpfs(path: str) -> bool:
+    try:
+        out = subprocess.run(["stat", "-f", "-c", "%t", path], capture_output=True,
+                             text=True).stdout.strip()
+        return int(out, 16) == TMPFS_MAGIC
+    except (ValueError, OSError):
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

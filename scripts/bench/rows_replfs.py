@@ -1,0 +1,92 @@
+"""The replfs rows: a secondary and a primary on loopback, each a real mount made by
+the CLI; the file under test is the primary's disk or the secondary's view of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from tests._proc import stop_pid, unmount, wait_gone
+
+from . import REPO, log
+from .rows import Row
+
+
+def timed_write(path: str, value: str = "1") -> float:
+    """``echo 1 > path``; returns the seconds the write took (it returns when done)."""
+    t = time.monotonic()
+    with open(path, "w") as f:
+        f.write(value + "\n")
+    return time.monotonic() - t
+
+
+class ReplfsRow(Row):
+    def __init__(self, name, workdir, size):
+        super().__init__(name, workdir, size)
+        self.side = name  # "primary" | "secondary"
+        self.smnt = os.path.join(workdir, "s")
+        self.pmnt = os.path.join(workdir, "p")
+        self.pids: dict[str, int] = {}
+
+    def _replfs(self, *argv: str) -> None:
+        r = subprocess.run([sys.executable, "-m", "replfs", *argv],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+        if r.returncode != 0:
+            raise RuntimeError(f"replfs {argv[0]} failed: {(r.stderr or r.stdout).strip()}")
+
+    def _status(self, mnt: str) -> dict:
+        with open(os.path.join(mnt, ".replfs", "status")) as f:
+            return json.load(f)
+
+    def setup(self) -> str:
+        simg = self.make_image(os.path.join(self.dir, "s.img"))
+        pimg = self.make_image(os.path.join(self.dir, "p.img"))
+        os.mkdir(self.smnt)
+        os.mkdir(self.pmnt)
+        self._replfs("secondary", self.smnt, "--listen", "127.0.0.1:0",
+                     "--disk", f"disk0={simg}", "--workdir", os.path.join(self.dir, "overlays"),
+                     "--log", os.path.join(self.dir, "secondary.log"))
+        st = self._status(self.smnt)
+        self.pids["secondary"] = st["pid"]
+        port = st["listen"].rsplit(":", 1)[1]
+        self._replfs("primary", self.pmnt, "--secondary", f"127.0.0.1:{port}",
+                     "--disk", f"disk0={pimg}", "--log", os.path.join(self.dir, "primary.log"))
+        self.pids["primary"] = self._status(self.pmnt)["pid"]
+        return os.path.join(self.pmnt if self.side == "primary" else self.smnt, "disk0")
+
+    def procs(self):
+        other = "secondary" if self.side == "primary" else "primary"
+        return {"daemon": self.pids.get(self.side), "peer": self.pids.get(other)}
+
+    def reset(self):
+        self.checkpoint()
+
+    def checkpoint(self):
+        tp = timed_write(os.path.join(self.pmnt, ".replfs", "checkpoint"))
+        ts = timed_write(os.path.join(self.smnt, ".replfs", "checkpoint"))
+        return {"primary_s": tp, "secondary_s": ts}
+
+    def dirty(self):
+        d = self._status(self.smnt)["disks"]["disk0"]
+        return {"hidden_bytes": d["hidden_bytes"], "active_bytes": d["active_bytes"]}
+
+    def failover(self):
+        t = timed_write(os.path.join(self.smnt, ".replfs", "failover"))
+        st = self._status(self.smnt)
+        if st["state"] != "failed-over":
+            raise RuntimeError(f"replfs failover: state {st['state']}: {st['last_error']}")
+        return {"failover_s": t}
+
+    def teardown(self):
+        for role, mnt in (("primary", self.pmnt), ("secondary", self.smnt)):
+            try:
+                unmount(mnt)
+            except Exception as exc:  # keep going: the other side must be cleaned too
+                log(f"bench: unmounting {mnt}: {exc}")
+            pid = self.pids.get(role)
+            if pid and not wait_gone(pid, 20) and not stop_pid(pid):
+                log(f"bench: warning: replfs {role} (pid {pid}) did not exit")
+            unmount(mnt)
