@@ -47,6 +47,7 @@ import errno
 import random
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 
 from replfs.block.base import BlockNode, close_graph, walk
@@ -470,6 +471,23 @@ def node_factory(builder, tmp_path):
             close_graph([node, *roots])
 
     return make_node
+
+
+def conformance_test(builders: dict, limit: float = 60.0):
+    """A pytest test running every check over every stack in ``builders``
+    (name -> builder, as for :func:`node_factory`), each within ``limit``
+    seconds.  Use: ``test_conformance = conformance_test(BUILDERS)``."""
+
+    @pytest.mark.parametrize("check", CHECKS, ids=check_id)
+    @pytest.mark.parametrize("stack", list(builders))
+    def test_conformance(stack, check, tmp_path):
+        async def main():
+            with trio.fail_after(limit):
+                await check(node_factory(builders[stack], tmp_path))
+
+        trio.run(main)
+
+    return test_conformance
 
 
 async def check_conformance(make_node, size: int = DEFAULT_SIZE, checks=None) -> None:

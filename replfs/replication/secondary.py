@@ -93,9 +93,7 @@ class SecondaryController(Controller):
         if not self.admit(Op.CHECKPOINT):
             return
         async with self.graph.gate.exclusive():
-            for d in self.disks.values():
-                await d.checkpoint()
-            self.checkpoints += 1
+            await self._checkpoint_held()
         await self._view_changed()
 
     async def failover(self) -> None:
@@ -114,12 +112,16 @@ class SecondaryController(Controller):
         if not self.admit(Op.STOP):
             return
         async with self.graph.gate.exclusive():
-            for d in self.disks.values():
-                await d.checkpoint()
-            self.checkpoints += 1
+            await self._checkpoint_held()
             self.enter(ReplicationStage.STOPPED)
         await self._disconnect_primary()
         await self._view_changed()
+
+    async def _checkpoint_held(self) -> None:
+        """Every disk's checkpoint; the caller holds the gate."""
+        for d in self.disks.values():
+            await d.checkpoint()
+        self.checkpoints += 1
 
     async def _disconnect_primary(self) -> None:
         if self.server is not None:

@@ -4,14 +4,11 @@
 import itertools
 from pathlib import Path
 
-import pytest
-import trio
-
 from replfs.block.cbw import CopyBeforeWrite
 from replfs.block.fault import FaultLayer
 from replfs.block.overlay import Overlay
 from replfs.block.raw import RawImage
-from tests.blockconformance import CHECKS, check_id, node_factory
+from tests.blockconformance import conformance_test
 
 _counter = itertools.count()
 
@@ -124,7 +121,4 @@ BUILDERS = {
 }
 
 
-@pytest.mark.parametrize("check", CHECKS, ids=check_id)
-@pytest.mark.parametrize("stack", list(BUILDERS))
-def test_conformance(stack, check, tmp_path):
-    trio.run(check, node_factory(BUILDERS[stack], tmp_path))
+test_conformance = conformance_test(BUILDERS)

@@ -17,7 +17,7 @@ from replfs.block.graph import SecondaryDisk
 from replfs.block.mirror import Mirror
 from replfs.block.raw import RawImage
 from replfs.errors import BlockError
-from tests.blockconformance import CHECKS, check_id, node_factory
+from tests.blockconformance import conformance_test
 from tests.replpair import checkpoint_disk, failover_disk
 
 _counter = itertools.count()
@@ -96,14 +96,7 @@ BUILDERS = {
 }
 
 
-@pytest.mark.parametrize("check", CHECKS, ids=check_id)
-@pytest.mark.parametrize("stack", list(BUILDERS))
-def test_conformance(stack, check, tmp_path):
-    async def main():
-        with trio.fail_after(60):
-            await check(node_factory(BUILDERS[stack], tmp_path))
-
-    trio.run(main)
+test_conformance = conformance_test(BUILDERS)
 
 
 # -- the gate ------------------------------------------------------------------------

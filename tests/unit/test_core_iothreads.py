@@ -51,7 +51,7 @@ def test_cancel_waits_for_the_call():
         return "finished"
 
     async def main():
-        with trio.move_on_after(0.05) as scope:
+        with trio.move_on_after(0.05):
             got = await iothreads.run(slow)
         # The call was not abandoned: the cancel had to wait for it.
         assert done == [True] and got == "finished"

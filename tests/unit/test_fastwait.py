@@ -5,6 +5,7 @@ does: wait, then read at once (no await in between), then handle."""
 import os
 import select
 import types
+from contextlib import asynccontextmanager
 
 import pyfuse3
 import pytest
@@ -46,6 +47,12 @@ def run(fn):
     trio.run(bounded)
 
 
+def installed(pipe):
+    """The fast wait installed on the pipe's read end: (fw, read fd, write fd)."""
+    r, w = pipe
+    return fastwait.install(r), r, w
+
+
 def first_step(coro):
     """Run a coroutine up to its first suspension: ("returned", value) if it
     ran to the end without yielding to trio, else ("yielded", None) (the
@@ -81,6 +88,19 @@ class Workers:
         for _ in range(n):
             nursery.start_soon(self.worker)
         await trio.testing.wait_all_tasks_blocked()
+
+    @classmethod
+    @asynccontextmanager
+    async def running(cls, fw, fd, n=4, released=False):
+        """``n`` workers in a nursery, all blocked when the body starts;
+        ``ws.cancel()`` ends them."""
+        ws = cls(fw, fd)
+        if released:
+            ws.release()  # handlers return at once
+        async with trio.open_nursery() as nursery:
+            ws.cancel = nursery.cancel_scope.cancel
+            await ws.start(nursery, n)
+            yield ws
 
 
 def test_installed_version_is_tested():
@@ -147,8 +167,7 @@ def test_a_refused_reinstall_restores_the_stock_wait(pipe, monkeypatch):
 
 
 def test_queued_request_returns_true_without_yielding(pipe):
-    r, w = pipe
-    fw = fastwait.install(r)
+    fw, r, w = installed(pipe)
 
     async def main():
         os.write(w, b"ab")
@@ -162,8 +181,7 @@ def test_queued_request_returns_true_without_yielding(pipe):
 
 
 def test_fast_returns_yield_once_every_YIELD_EVERY(pipe):
-    r, w = pipe
-    fw = fastwait.install(r)
+    fw, r, w = installed(pipe)
     n = fastwait.YIELD_EVERY
 
     async def main():
@@ -178,29 +196,23 @@ def test_fast_returns_yield_once_every_YIELD_EVERY(pipe):
 
 
 def test_idle_workers_park_and_exactly_one_watches(pipe):
-    r, w = pipe
-    fw = fastwait.install(r)
+    fw, r, w = installed(pipe)
 
     async def main():
-        ws = Workers(fw, r)
-        async with trio.open_nursery() as nursery:
-            await ws.start(nursery, 4)
+        async with Workers.running(fw, r) as ws:
             assert fw.watching and fw.parked == 3
             assert fw.statistics()["waits"] == 1
-            nursery.cancel_scope.cancel()
+            ws.cancel()
         assert not fw.watching and fw.parked == 0
 
     run(main)
 
 
 def test_a_request_wakes_the_watcher_and_another_takes_over(pipe):
-    r, w = pipe
-    fw = fastwait.install(r)
+    fw, r, w = installed(pipe)
 
     async def main():
-        ws = Workers(fw, r)
-        async with trio.open_nursery() as nursery:
-            await ws.start(nursery, 4)
+        async with Workers.running(fw, r) as ws:
             os.write(w, b"a")
             await trio.testing.wait_all_tasks_blocked()
             assert ws.taken == [b"a"]  # read by the watcher, which is now busy
@@ -210,20 +222,16 @@ def test_a_request_wakes_the_watcher_and_another_takes_over(pipe):
             assert ws.taken == [b"a", b"b"]
             assert fw.watching and fw.parked == 1
             assert fw.statistics() == {"fast_wait": True, "requests_queued": 2, "waits": 3}
-            nursery.cancel_scope.cancel()
+            ws.cancel()
 
     run(main)
 
 
 def test_pollhup_ends_every_worker_after_the_queued_requests(pipe):
-    r, w = pipe
-    fw = fastwait.install(r)
+    fw, r, w = installed(pipe)
 
     async def main():
-        ws = Workers(fw, r)
-        ws.release()  # handlers return at once
-        async with trio.open_nursery() as nursery:
-            await ws.start(nursery, 4)
+        async with Workers.running(fw, r, released=True) as ws:
             os.write(w, b"ab")
             os.close(w)
             pipe[1] = -1
@@ -235,13 +243,10 @@ def test_pollhup_ends_every_worker_after_the_queued_requests(pipe):
 
 
 def test_pollhup_wakes_idle_workers(pipe):
-    r, w = pipe
-    fw = fastwait.install(r)
+    fw, r, w = installed(pipe)
 
     async def main():
-        ws = Workers(fw, r)
-        async with trio.open_nursery() as nursery:
-            await ws.start(nursery, 4)
+        async with Workers.running(fw, r) as ws:
             os.close(w)
             pipe[1] = -1
         assert ws.taken == [] and ws.ended == 4
@@ -256,9 +261,7 @@ def test_pollerr_ends_every_worker(pipe):
     fw = fastwait.install(w)
 
     async def main():
-        ws = Workers(fw, w)
-        async with trio.open_nursery() as nursery:
-            await ws.start(nursery, 4)
+        async with Workers.running(fw, w) as ws:
             assert fw.watching and fw.parked == 3
             os.close(r)
             pipe[0] = -1
@@ -269,13 +272,10 @@ def test_pollerr_ends_every_worker(pipe):
 
 
 def test_request_exit_ends_the_parked_at_once_and_the_watcher_on_terminate(pipe):
-    r, w = pipe
-    fw = fastwait.install(r)
+    fw, r, w = installed(pipe)
 
     async def main():
-        ws = Workers(fw, r)
-        async with trio.open_nursery() as nursery:
-            await ws.start(nursery, 4)
+        async with Workers.running(fw, r) as ws:
             fastwait.request_exit()
             await trio.testing.wait_all_tasks_blocked()
             assert ws.ended == 3 and fw.watching
