@@ -22,6 +22,7 @@ import sys
 
 from replfs.config import DiskConfig, MountConfig, PeerConfig
 from replfs.errors import ReplfsError, UsageError
+from replfs.units import parse_size
 
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="primary: how long a write waits for the secondary; "
                              "secondary: how long a primary's NBD handshake may take "
                              "(default 5)")
+        sp.add_argument("--meta-dir", metavar="DIR",
+                        help="where the images' replication metadata lives (default: "
+                             "IMAGE.replfs-meta beside each image)")
         sp.add_argument("--inject-faults", metavar="SPEC", help=argparse.SUPPRESS)
         sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
         sp.add_argument("-v", "--verbose", action="store_true")
@@ -104,24 +108,48 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--listen", required=True, metavar="HOST:PORT",
                     help="where the primary connects (port 0 picks a free one)")
     sp.add_argument("--workdir", metavar="DIR",
-                    help="where the hidden and active overlays live (default: a new "
-                         "hidden directory next to the first image, removed at exit)")
+                    help="where the hidden and active overlays live (default: "
+                         "IMAGE.replfs-work beside the first image)")
     sp.add_argument("--cluster-size", type=int, default=64 * 1024, help=argparse.SUPPRESS)
 
     sp = sub.add_parser("primary", help="mount the primary side (replicates to a secondary)")
     mount_args(sp)
     sp.add_argument("--secondary", required=True, metavar="HOST:PORT",
                     help="the secondary's --listen address")
+    sp.add_argument("--allow-degraded-start", action="store_true",
+                    help="start even if the secondary is not reachable (degraded; it is "
+                         "connected and resynced when it comes)")
+    sp.add_argument("--reconnect-interval", type=float, default=5.0, metavar="SECONDS",
+                    help="longest wait between reconnect tries while degraded (default 5)")
+    sp.add_argument("--resync-rate", metavar="BYTES/s",
+                    help="cap on a resync's rate, e.g. 100M (default: no cap)")
 
     for action, text in (("checkpoint", "run a checkpoint"),
                          ("failover", "fail over"),
-                         ("stop", "stop replication in an orderly way")):
+                         ("stop", "stop replication in an orderly way"),
+                         ("connect", "primary: connect to the secondary now"),
+                         ("disconnect", "primary: drop the secondary, no retries"),
+                         ("resync", "primary: resync the secondary now")):
         sp = sub.add_parser(action, help=f"{text} (echo 1 > MOUNT/.replfs/{action})")
         sp.add_argument("mount", metavar="MOUNT")
+        if action == "failover":
+            sp.add_argument("--force", action="store_true",
+                            help="take the secondary disk as it is, even when it cannot "
+                                 "give back the last checkpoint")
+        elif action == "resync":
+            sp.add_argument("--full", action="store_true",
+                            help="every cluster, whatever the dirty record says")
+        elif action == "connect":
+            sp.add_argument("--secondary", metavar="HOST:PORT",
+                            help="connect to this secondary instead")
 
     sp = sub.add_parser("status", help="show the state of a mount")
     sp.add_argument("mount", metavar="MOUNT")
     sp.add_argument("--json", action="store_true", help="print MOUNT/.replfs/status as is")
+    sp.add_argument("--watch", action="store_true",
+                    help="redraw until interrupted (a progress bar during a resync)")
+    sp.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                    help="--watch: seconds between updates (default 1)")
 
     sp = sub.add_parser("demo", help="run the demo: both sides on loopback, scratch images")
     sp.add_argument("--dir", help="scratch directory (default: a new temporary one)")
@@ -134,12 +162,26 @@ def mount_config(args) -> MountConfig:
     """Check the mount command's arguments; the daemon's whole input."""
     disks = parse_disks(args.disk)
     check_mountpoint(args.mount)
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
+    if not 0 < args.timeout < float("inf"):
+        raise UsageError("--timeout must be a finite positive number of seconds")
+    meta_dir = os.path.abspath(args.meta_dir) if args.meta_dir else None
     common = dict(role=args.command, mount=os.path.abspath(args.mount), disks=disks,
-                  timeout=args.timeout, inject_faults=args.inject_faults)
+                  timeout=args.timeout, inject_faults=args.inject_faults, meta_dir=meta_dir)
     if args.command == "primary":
-        return MountConfig(**common, secondary=parse_hostport(args.secondary, "--secondary"))
+        if not 0 < args.reconnect_interval < float("inf"):
+            raise UsageError("--reconnect-interval must be a finite positive number of seconds")
+        rate = None
+        if args.resync_rate is not None:
+            try:
+                rate = parse_size(args.resync_rate.removesuffix("/s"))
+            except ValueError:
+                rate = 0
+            if rate <= 0:
+                raise UsageError(f"--resync-rate: expected bytes per second such as 100M, "
+                                 f"got {args.resync_rate!r}")
+        return MountConfig(**common, secondary=parse_hostport(args.secondary, "--secondary"),
+                           allow_degraded_start=args.allow_degraded_start,
+                           reconnect_interval=args.reconnect_interval, resync_rate=rate)
     cs = args.cluster_size
     if cs < 512 or cs & (cs - 1):
         raise UsageError("--cluster-size must be a power of two >= 512")
@@ -178,13 +220,14 @@ def run_foreground(cfg: MountConfig, verbose: bool, fd: int | None) -> int:
         daemon.run(cfg, ready)
     except (ReplfsError, OSError) as exc:
         text = str(exc) if isinstance(exc, ReplfsError) else f"{exc.strerror}: {exc.filename}"
+        code = getattr(exc, "exit_code", EXIT_FAIL)
         if fd is not None:
             try:
-                os.write(fd, f"error {text}\n".encode())
+                os.write(fd, f"error {code} {text}\n".encode())
             except OSError:
                 pass
         print(f"replfs: {text}", file=sys.stderr)
-        return EXIT_FAIL
+        return code
     return 0
 
 
@@ -208,7 +251,9 @@ def spawn_background(cfg: MountConfig, log: str | None, cli_argv: list[str]) -> 
         return 0
     proc.wait()
     if line.startswith("error "):
-        print(f"replfs: {line[6:]}", file=sys.stderr)
+        code, _, text = line[6:].partition(" ")
+        print(f"replfs: {text}", file=sys.stderr)
+        return int(code) if code.isdigit() else EXIT_FAIL
     else:
         print(f"replfs: the daemon exited with status {proc.returncode} before the "
               f"mount was ready; see {log_path}", file=sys.stderr)
@@ -227,12 +272,25 @@ def read_status(mount: str) -> dict:
         return json.loads(f.read())
 
 
+def action_value(args) -> bytes:
+    """What the command writes to its control file."""
+    if getattr(args, "force", False):
+        return b"force\n"
+    if getattr(args, "full", False):
+        return b"full\n"
+    if getattr(args, "secondary", None):
+        target = parse_hostport(args.secondary, "--secondary")
+        return f"{target}\n".encode()
+    return b"1\n"
+
+
 def cmd_action(args) -> int:
     path = control_path(args.mount, args.command)
+    value = action_value(args)
     try:
         fd = os.open(path, os.O_WRONLY)
         try:
-            os.write(fd, b"1\n")
+            os.write(fd, value)
         finally:
             os.close(fd)
     except OSError as exc:
@@ -250,6 +308,11 @@ def cmd_action(args) -> int:
 
 
 def cmd_status(args) -> int:
+    if args.watch:
+        from replfs.tools.watch import watch
+
+        control_path(args.mount, "status")
+        return watch(lambda: read_status(args.mount), args.interval)
     if args.json:
         with open(control_path(args.mount, "status"), "rb") as f:
             sys.stdout.write(f.read().decode())
@@ -259,10 +322,18 @@ def cmd_status(args) -> int:
     where = st.get("listen") or st.get("secondary") or ""
     print(f"{st['role']} {args.mount}: {st['state']}, peer {peer}"
           f"{' (' + where + ')' if where else ''}, {st['checkpoints']} checkpoints")
+    if st.get("sync"):
+        from replfs.tools.watch import sync_text
+
+        print(f"  {sync_text(st['sync'])}")
     if st.get("last_error"):
         print(f"  last error: {st['last_error']}")
+    if st.get("reconnect_error"):
+        print(f"  last reconnect attempt: {st['reconnect_error']}")
     for name, d in st.get("disks", {}).items():
-        print(f"  {name}: {d['size']} bytes, image {d['image']}")
+        oos = d.get("out_of_sync_bytes")
+        print(f"  {name}: {d['size']} bytes, image {d['image']}"
+              f"{f', {oos} bytes out of sync' if oos else ''}")
     return 0
 
 
@@ -274,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("primary", "secondary"):
             return cmd_mount(args)
-        if args.command in ("checkpoint", "failover", "stop"):
+        if args.command in ("checkpoint", "failover", "stop", "connect", "disconnect",
+                            "resync"):
             return cmd_action(args)
         if args.command == "status":
             return cmd_status(args)

@@ -36,6 +36,10 @@ class MountConfig:
     workdir: str | None = None            # secondary: hidden and active overlays
     cluster_size: int = 64 * 1024         # secondary: copy-before-write granularity
     inject_faults: str | None = None      # tests: a FaultLayer spec below the images
+    meta_dir: str | None = None           # where metadata files live (default: beside images)
+    reconnect_interval: float = 5.0       # primary: longest wait between reconnect tries
+    resync_rate: float | None = None      # primary: bytes/s cap of a resync (None: no cap)
+    allow_degraded_start: bool = False    # primary: start without a reachable secondary
 
     @property
     def images(self) -> dict[str, str]:

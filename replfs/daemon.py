@@ -18,7 +18,6 @@ lives.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 
@@ -28,10 +27,14 @@ import trio
 from replfs.block import raw
 from replfs.block.graph import PrimaryGraph, SecondaryGraph
 from replfs.config import MountConfig
-from replfs.errors import BlockError, ReplfsError
+from replfs.errors import ReplfsError
 from replfs.fuse import fastwait
 from replfs.fuse.ops import ReplfsOps
-from replfs.replication.primary import PrimaryController
+from replfs.meta.paths import workdir_path
+from replfs.errors import PeerUnavailable
+from replfs.replication.link import nbd_connector
+from replfs.replication.persist import DiskState
+from replfs.replication.primary import PrimaryController, SplitBrain
 from replfs.replication.secondary import SecondaryController
 
 log = logging.getLogger("replfs")
@@ -78,16 +81,28 @@ async def run_secondary(cfg: MountConfig, ready) -> None:
     from replfs.nbd.server import NBDServer
 
     ctl = SecondaryController()
-    graph = SecondaryGraph(cfg.images, workdir=cfg.workdir, cluster_size=cfg.cluster_size,
-                           faults=cfg.inject_faults, on_export_error=ctl.export_failed)
-    ctl.attach(graph)
+    states = _open_states(cfg, tracking=False)
+    try:
+        workdir = cfg.workdir or workdir_path(cfg.disks[0].image)
+        resume = SecondaryController.resume_of(states, workdir)
+        graph = SecondaryGraph(cfg.images, workdir=cfg.workdir, cluster_size=cfg.cluster_size,
+                               faults=cfg.inject_faults, on_export_error=ctl.export_failed,
+                               before_first_write=ctl.before_first_write, resume=resume)
+    except BaseException:
+        for st in states.values():
+            st.meta.close()
+        raise
+    ctl.attach(graph, states)
     server = NBDServer(graph.exports(), max_clients_per_export=1,
                        admit=ctl.admit_primary, on_clients_changed=ctl.clients_changed,
-                       handshake_timeout=cfg.timeout)
+                       control=ctl.control, handshake_timeout=cfg.timeout)
     ctl.server = server
     ops = ReplfsOps(ctl, graph.views())
     ctl.on_view_changed = ops.invalidate_disks
     try:
+        for st in states.values():
+            await st.start_run()
+        await ctl.recover(frozenset(resume))
         async with trio.open_nursery() as nursery:
             host, port = cfg.listen.host, cfg.listen.port
             try:
@@ -95,7 +110,8 @@ async def run_secondary(cfg: MountConfig, ready) -> None:
             except OSError as exc:
                 raise ReplfsError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
             ctl.listen = f"{bound[0]}:{bound[1]}"
-            log.info("secondary: NBD on %s, overlays in %s", ctl.listen, graph.workdir)
+            log.info("secondary: NBD on %s, overlays in %s, state %s", ctl.listen,
+                     graph.workdir, ctl.state)
             await _serve_fuse(ops, cfg.mount, "secondary",
                               lambda: ready(ctl.listen), nursery)
             nursery.cancel_scope.cancel()
@@ -103,39 +119,64 @@ async def run_secondary(cfg: MountConfig, ready) -> None:
         await ctl.shutdown()
 
 
-async def run_primary(cfg: MountConfig, ready) -> None:
-    from replfs.nbd.client import connect
+def _open_states(cfg: MountConfig, *, tracking: bool) -> dict[str, DiskState]:
+    """Each image's metadata file (created beside it on the first run)."""
+    states: dict[str, DiskState] = {}
+    try:
+        for d in cfg.disks:
+            size = _image_size(d.image)
+            states[d.name] = DiskState(d.name, d.image, size, cfg.cluster_size,
+                                       meta_dir=cfg.meta_dir, tracking=tracking)
+    except BaseException:
+        for st in states.values():
+            st.meta.close()
+        raise
+    return states
 
-    peer = cfg.secondary
-    ctl = PrimaryController(str(peer), cfg.timeout)
-    async with contextlib.AsyncExitStack() as stack:
-        graph = PrimaryGraph(cfg.images, faults=cfg.inject_faults)
-        stack.callback(graph.close)
-        clients = await stack.enter_async_context(trio.open_nursery())
-        peers = {}
-        for name, image in cfg.images.items():
+
+def _image_size(path: str) -> int:
+    with open(path, "rb") as f:
+        return f.seek(0, 2)
+
+
+async def run_primary(cfg: MountConfig, ready) -> None:
+    graph = PrimaryGraph(cfg.images, faults=cfg.inject_faults)
+    try:
+        states = _open_states(cfg, tracking=True)
+    except BaseException:
+        graph.close()
+        raise
+    sizes = {n: node.size for n, node in graph.local.items()}
+    ctl = PrimaryController(str(cfg.secondary), cfg.timeout,
+                            connector=nbd_connector(sizes, cfg.timeout),
+                            reconnect_interval=cfg.reconnect_interval,
+                            resync_rate=cfg.resync_rate)
+    ctl.attach(graph.mirror({}, on_peer_error=ctl.peer_failed,
+                            records={n: st.record for n, st in states.items()},
+                            logs={n: st.al for n, st in states.items()}),
+               cfg.images, states)
+    ops = ReplfsOps(ctl, graph.disks)
+    try:
+        for st in states.values():
+            await st.start_run()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ctl.run)
             try:
-                client = await connect(peer.host, peer.port, name, nursery=clients,
-                                       connect_timeout=cfg.timeout)
-            except BlockError as exc:
-                raise ReplfsError(
-                    f"cannot connect to the secondary {peer} for disk {name}: {exc}") from None
-            stack.push_async_callback(client.aclose)
-            size = graph.local[name].size
-            if client.size != size:
-                raise ReplfsError(
-                    f"disk {name}: size mismatch: primary image {image} is {size} bytes, "
-                    f"the secondary's disk is {client.size} bytes")
-            peers[name] = client
-        ctl.attach(graph.mirror(peers, on_peer_error=ctl.peer_failed), cfg.images)
-        ops = ReplfsOps(ctl, graph.disks)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(ctl.watchdog)
-                await _serve_fuse(ops, cfg.mount, "primary", lambda: ready(None), nursery)
-                nursery.cancel_scope.cancel()
-        finally:
+                await ctl.connect_at_start()
+            except PeerUnavailable as exc:
+                if not cfg.allow_degraded_start:
+                    raise
+                ctl.start_degraded(f"started without the secondary: {exc}")
+            except SplitBrain:
+                if not cfg.allow_degraded_start:
+                    raise
+                ctl.start_degraded(ctl.last_error)
+            await _serve_fuse(ops, cfg.mount, "primary", lambda: ready(None), nursery)
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
             await ctl.shutdown()
+        graph.close()
 
 
 def run(cfg: MountConfig, ready) -> None:

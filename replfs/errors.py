@@ -9,7 +9,10 @@ import errno as _errno
 
 
 class ReplfsError(Exception):
-    """Base class: something replfs can explain in one line."""
+    """Base class: something replfs can explain in one line.  ``exit_code``
+    is the command's exit status when it ends with this error."""
+
+    exit_code = 1
 
 
 class BlockError(ReplfsError):
@@ -27,3 +30,16 @@ class BlockError(ReplfsError):
 
 class UsageError(ReplfsError):
     """Bad input from the user (command line, control file)."""
+
+
+class PeerUnavailable(ReplfsError):
+    """The peer cannot be reached (yet): worth retrying later."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+
+class PeerMismatch(ReplfsError):
+    """The peer is not this pair's (a size, export or history mismatch):
+    retrying will not help."""
+
+    exit_code = 78  # EX_CONFIG

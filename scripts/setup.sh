@@ -23,7 +23,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-if ! .venv/bin/python -c 'import replfs, pyfuse3, trio, pytest, hypothesis, pytest_timeout' 2>/dev/null; then
+if ! .venv/bin/python -c 'import replfs, pyfuse3, trio, xxhash, rich, pytest, hypothesis, pytest_timeout' 2>/dev/null; then
     echo "setup: installing Python packages into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 fi

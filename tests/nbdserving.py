@@ -8,6 +8,8 @@
   runs an :class:`NBDServer` on 127.0.0.1 (port 0) in a nursery of its own
   and stops it when the block ends.  An exception from the body comes out
   unchanged, not wrapped in an exception group.
+* :class:`MemNode`: a bytearray disk to serve, optionally slow, failing or
+  recording its calls.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from dataclasses import dataclass, field
 import trio
 
 from replfs.block.base import BlockNode
+from replfs.errors import BlockError
 from replfs.nbd.client import NBDClient, connect, open_client
+from replfs.nbd.control import ControlClient, open_control
 from replfs.nbd.server import NBDServer
 
 #: Default bound of one trio test, in seconds.
 TIMEOUT = 60
+MiB = 1024 * 1024
 
 
 def trio_run(fn: Callable[..., Awaitable[object]], *args, timeout: float = TIMEOUT):
@@ -68,6 +73,54 @@ class Served:
     async def connect(self, export: str = "disk", **kw) -> NBDClient:
         """A client whose tasks run in the server's nursery."""
         return await connect(self.host, self.port, export, nursery=self.nursery, **kw)
+
+    async def control(self, **kw) -> ControlClient:
+        """A control client whose watcher runs in the server's nursery."""
+        return await open_control(self.host, self.port, nursery=self.nursery, **kw)
+
+
+class MemNode(BlockNode):
+    """A bytearray disk; optionally slow, failing, or recording its calls."""
+
+    def __init__(self, size: int = 8 * MiB, *, delay: float = 0.0, gated: bool = False, fail=None):
+        self.size = size
+        self.name = "mem"
+        self.data = bytearray(size)
+        self.log: list[tuple] = []
+        #: Writes wait for this event (when there is one).
+        self.gate: trio.Event | None = trio.Event() if gated else None
+        #: Every write takes this long.
+        self.delay = delay
+        #: offset -> errno: a request at that offset fails with it.
+        self.fail: dict[int, int] = fail or {}
+
+    async def _maybe(self, op, off):
+        if off in self.fail:
+            raise BlockError(self.fail[off], f"{self.name}: injected failure at {off}")
+        if self.gate is not None and op == "write":
+            await self.gate.wait()
+        if self.delay and op == "write":
+            await trio.sleep(self.delay)
+
+    async def _read(self, off, n):
+        await self._maybe("read", off)
+        return bytes(self.data[off : off + n])
+
+    async def _write(self, off, data, fua):
+        self.log.append(("write-start", off, len(data)))
+        await self._maybe("write", off)
+        self.data[off : off + len(data)] = data
+        self.log.append(("write-done", off, len(data), fua))
+
+    async def _write_zeroes(self, off, n, fua):
+        await self._maybe("zero", off)
+        self.data[off : off + n] = bytes(n)
+
+    async def _trim(self, off, n):
+        self.data[off : off + n] = bytes(n)
+
+    async def flush(self):
+        self.log.append(("flush",))
 
 
 @asynccontextmanager

@@ -14,7 +14,13 @@ link behaves as the NBD client does where the replication logic can tell:
 * the secondary controller's ``server`` is a :class:`LinkServer`: its
   ``close_all()`` aborts every link (what failover and stop do to the
   primary's connection), and it reports connected clients as the NBD server
-  does.
+  does;
+* the primary's connector opens a :class:`LinkSession`: the control
+  channel is the secondary controller's handler called in process, and the
+  peers are links admitted by the secondary's stage as the NBD server's
+  ``admit`` hook would.  Both controllers keep real metadata files beside
+  the images, so restarts (``open_primary()`` / ``open_secondary()`` on the
+  same files) behave as the daemons' do.
 
 Pattern bytes as in tests/conftest.py: 0x11 the initial content of both
 images, 0x22 the primary VM, 0x33 the secondary VM.
@@ -27,11 +33,11 @@ import os
 from contextlib import asynccontextmanager
 
 import trio
-import trio.testing
 
-from replfs.block.base import BlockNode, Extent
+from replfs.block.base import BlockNode, Extent, close_graph
 from replfs.block.graph import PrimaryGraph, SecondaryDisk, SecondaryGraph
-from replfs.errors import BlockError
+from replfs.errors import BlockError, PeerMismatch, PeerUnavailable
+from replfs.replication.persist import DiskState
 from replfs.replication.primary import PrimaryController
 from replfs.replication.secondary import SecondaryController
 
@@ -132,11 +138,12 @@ class LinkServer:
         self.ctl = ctl
         self.links: dict[str, Link] = {}
         self.nursery: trio.Nursery | None = None
+        self.accepting = True
 
     def connect(self, name: str, far: BlockNode) -> Link:
         refusal = self.ctl.admit_primary(name, 0)
         if refusal is not None:
-            raise BlockError(errno.ECONNREFUSED, refusal)
+            raise PeerMismatch(refusal)
         link = self.links[name] = Link(far, self, name)
         self.ctl.clients_changed(name, 1)
         return link
@@ -145,11 +152,67 @@ class LinkServer:
         self.ctl.clients_changed(name, 0)
 
     def set_accepting(self, accepting: bool) -> None:
-        pass
+        self.accepting = accepting
 
     async def close_all(self) -> None:
         for link in self.links.values():
             link.abort()
+
+
+class LinkControl:
+    """The control channel, in process: the secondary controller's handler."""
+
+    def __init__(self, ctl: SecondaryController) -> None:
+        self.ctl = ctl
+        self.calls: list[dict] = []
+        self.failure: BlockError | None = None
+        self._closed = trio.Event()
+
+    async def call(self, request: dict) -> dict:
+        if self.failure is not None:
+            raise self.failure
+        self.calls.append(request)
+        return await self.ctl.control(request, ("in-process", 0))
+
+    def abort(self, reason: str = "connection aborted") -> None:
+        if self.failure is None:
+            self.failure = BlockError(errno.ECONNRESET, f"control channel: {reason}")
+        self._closed.set()
+
+    async def aclose(self) -> None:
+        self.abort("closed")
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+class LinkSession:
+    """What the primary's connector returns (cf. replfs/replication/link.py)."""
+
+    def __init__(self, pair: "Pair", plain: bool = False) -> None:
+        self.pair = pair
+        self.target = "in-process"
+        self.control = None if plain else LinkControl(pair.secondary)
+        self.links: dict[str, Link] = {}
+
+    async def open_peers(self) -> dict[str, BlockNode]:
+        if not self.pair.server.accepting:
+            raise PeerUnavailable("the secondary is shutting down")
+        self.links = {n: self.pair.server.connect(n, e)
+                      for n, e in self.pair.sgraph.exports().items()}
+        return dict(self.links)
+
+    def abort(self) -> None:
+        if self.control is not None:
+            self.control.abort()
+        for link in self.links.values():
+            link.abort()
+
+    async def aclose(self) -> None:
+        if self.control is not None:
+            await self.control.aclose()
+        for link in self.links.values():
+            link.close()
 
 
 async def checkpoint_disk(disk: SecondaryDisk) -> None:
@@ -178,28 +241,70 @@ def read_image(path) -> bytes:
 
 
 class Pair:
-    """Both hosts of a mount with ``disks`` disks of ``size`` bytes."""
+    """Both hosts of a mount with ``disks`` disks of ``size`` bytes.
+
+    ``reachable = False`` makes the connector fail (the secondary is down);
+    ``plain = True`` gives sessions without a control channel (a qemu-nbd
+    secondary)."""
 
     def __init__(self, tmp_path, size: int = 16 * CL, disks=("d0",), *,
                  timeout: float = 1.0, secondary_faults: str | None = None,
-                 primary_faults: str | None = None) -> None:
+                 primary_faults: str | None = None, images: bool = True,
+                 reconnect_interval: float = 0.2, plain: bool = False) -> None:
+        self.tmp = tmp_path
         self.size = size
-        self.pimages = {n: make_image(tmp_path / f"p-{n}.img", size) for n in disks}
-        self.simages = {n: make_image(tmp_path / f"s-{n}.img", size) for n in disks}
+        self.names = tuple(disks)
+        if images:
+            self.pimages = {n: make_image(tmp_path / f"p-{n}.img", size) for n in disks}
+            self.simages = {n: make_image(tmp_path / f"s-{n}.img", size) for n in disks}
         self.workdir = os.fspath(tmp_path / "work")
+        self.timeout = timeout
+        self.secondary_faults = secondary_faults
+        self.primary_faults = primary_faults
+        self.reconnect_interval = reconnect_interval
+        self.plain = plain
+        self.reachable = True
+        self.primary_down = self.secondary_down = False
+        self.sessions: list[LinkSession] = []
+        self.open_secondary()
+        self.open_primary()
 
+    def open_secondary(self) -> None:
+        """(Re)create the secondary daemon's objects, as a restart does."""
         self.secondary = SecondaryController()
+        self.sstates = {n: DiskState(n, self.simages[n], self.size, CL)
+                        for n in self.names}
+        resume = SecondaryController.resume_of(self.sstates, self.workdir)
         self.sgraph = SecondaryGraph(self.simages, workdir=self.workdir, cluster_size=CL,
-                                     faults=secondary_faults,
-                                     on_export_error=self.secondary.export_failed)
-        self.secondary.attach(self.sgraph)
+                                     faults=self.secondary_faults,
+                                     on_export_error=self.secondary.export_failed,
+                                     before_first_write=self.secondary.before_first_write,
+                                     resume=resume)
+        self.resumed = frozenset(resume)
+        self.secondary.attach(self.sgraph, self.sstates)
         self.server = self.secondary.server = LinkServer(self.secondary)
-        self.links = {n: self.server.connect(n, e) for n, e in self.sgraph.exports().items()}
 
-        self.primary = PrimaryController("in-process", timeout)
-        self.pgraph = PrimaryGraph(self.pimages, faults=primary_faults)
-        self.primary.attach(self.pgraph.mirror(self.links, on_peer_error=self.primary.peer_failed),
-                            self.pimages)
+    def open_primary(self) -> None:
+        self.primary = PrimaryController("in-process", self.timeout, connector=self.connect,
+                                         reconnect_interval=self.reconnect_interval)
+        self.pgraph = PrimaryGraph(self.pimages, faults=self.primary_faults)
+        self.pstates = {n: DiskState(n, self.pimages[n], self.size, CL, tracking=True)
+                        for n in self.names}
+        self.primary.attach(self.pgraph.mirror(
+            {}, on_peer_error=self.primary.peer_failed,
+            records={n: st.record for n, st in self.pstates.items()},
+            logs={n: st.al for n, st in self.pstates.items()}), self.pimages, self.pstates)
+
+    async def connect(self, target: str, nursery) -> LinkSession:
+        if not self.reachable:
+            raise PeerUnavailable("the secondary is not reachable")
+        session = LinkSession(self, plain=self.plain)
+        self.sessions.append(session)
+        return session
+
+    @property
+    def links(self) -> dict[str, Link]:
+        return self.server.links
 
     # -- the two VMs' disks --------------------------------------------------------
     def pdisk(self, name: str = "d0"):
@@ -212,12 +317,24 @@ class Pair:
         """The secondary disk node (a FaultLayer when faults were given)."""
         return self.sgraph.disks[name].disk
 
+    async def start_secondary(self) -> None:
+        for st in self.sstates.values():
+            await st.start_run()
+        await self.secondary.recover(self.resumed)
+
+    async def start_primary(self, nursery, connect: bool = True) -> None:
+        for st in self.pstates.values():
+            await st.start_run()
+        await nursery.start(self.primary.run)
+        if connect:
+            await self.primary.connect_at_start()
+
     @asynccontextmanager
-    async def running(self, watchdog: bool = True):
+    async def running(self, connect: bool = True):
         async with trio.open_nursery() as nursery:
-            self.server.nursery = nursery
-            if watchdog:
-                nursery.start_soon(self.primary.watchdog)
+            self.nursery = self.server.nursery = nursery
+            await self.start_secondary()
+            await self.start_primary(nursery, connect)
             try:
                 yield self
             finally:
@@ -225,21 +342,63 @@ class Pair:
                     await self.close()
                 nursery.cancel_scope.cancel()
 
-    async def close(self) -> None:
-        """What the daemons do at unmount: flush, disconnect, close the graphs."""
-        await self.primary.shutdown()
+    # -- kill -9, in process: nothing written, connections cut, files left -------------
+    def crash_secondary(self) -> None:
+        """The secondary daemon dies: its connections drop, its metadata and
+        overlay files stay as they are (its in-memory overlay bitmaps are lost)."""
+        self.secondary_down = True
+        self.server.accepting = False
+        for link in self.server.links.values():
+            link.abort()
+        for session in self.sessions:
+            if session.control is not None and session.control.ctl is self.secondary:
+                session.control.abort("the secondary died")
+        for st in self.sstates.values():
+            st.meta.close()
+        for d in self.sgraph.disks.values():
+            close_graph([d.view, d.export])
+
+    def crash_primary(self) -> None:
+        """The primary daemon dies: background stopped, sessions cut, files left."""
+        self.primary_down = True
+        if self.primary._nursery is not None:
+            self.primary._nursery.cancel_scope.cancel()
+        for session in self.sessions:
+            session.abort()
+        for st in self.pstates.values():
+            st.meta.close()
         self.pgraph.close()
-        await self.secondary.shutdown()
+
+    async def restart_secondary(self) -> None:
+        self.secondary_down = False
+        self.open_secondary()
+        self.server.nursery = self.nursery
+        await self.start_secondary()
+
+    async def restart_primary(self, connect: bool = True) -> None:
+        self.primary_down = False
+        self.open_primary()
+        await self.start_primary(self.nursery, connect)
+
+    async def close(self) -> None:
+        """What the daemons do at unmount: flush, disconnect, close the graphs
+        (a daemon that was crashed and not restarted has nothing to do)."""
+        if not self.primary_down:
+            await self.primary.shutdown()
+            self.pgraph.close()
+        if not self.secondary_down:
+            await self.secondary.shutdown()
+
+    async def wait_state(self, ctl, state: str, limit: float = 10.0) -> None:
+        with trio.fail_after(limit):
+            while ctl.state != state:
+                await trio.sleep(0.01)
 
 
-def run(fn, autojump: bool = False, limit: float = 20.0) -> None:
-    """``trio.run(fn)`` bounded by ``limit`` seconds.  With ``autojump`` the
-    clock is virtual and jumps whenever every task waits - also while an I/O
-    thread works (a flush) - so there a virtual deadline would fire early:
-    the bound is then pytest-timeout's, in real time."""
-    if autojump:
-        trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
-        return
+def run(fn, limit: float = 20.0) -> None:
+    """``trio.run(fn)`` bounded by ``limit`` seconds.  (No virtual clock: the
+    metadata is written from I/O threads, and an autojumping clock would jump
+    past deadlines while a thread works.)"""
 
     async def bounded():
         with trio.fail_after(limit):

@@ -9,7 +9,7 @@ The primary, one disk (``build_primary``)::
 
 The secondary, one disk (:class:`SecondaryDisk`), in QEMU's names::
 
-    primary --NBD--> export: Gated --> CopyBeforeWrite --file--> [fault] --> IMAGE
+    primary --NBD--> export: Gated --> FirstWrite --> CopyBeforeWrite --file--> [fault] --> IMAGE
                                              | old data, once per epoch     ^
                                              v target                       | backing
                                          hidden Overlay --------------------+
@@ -41,19 +41,21 @@ nothing is emptied before it was written.
 
 from __future__ import annotations
 
+import functools
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 
 from replfs.block.base import BlockNode, close_graph
 from replfs.block.cbw import CopyBeforeWrite
 from replfs.block.fault import FaultLayer
+from replfs.block.firstwrite import FirstWrite
 from replfs.block.gated import ErrorHook, Gate, GatedNode
 from replfs.block.mirror import Mirror, PeerErrorHook
 from replfs.block.overlay import Overlay
 from replfs.block.raw import RawImage
+from replfs.core import iothreads
 from replfs.jobs.commit import commit
+from replfs.meta.paths import workdir_path
 
 CLUSTER_SIZE = 64 * 1024
 
@@ -65,6 +67,25 @@ def open_image(image: str, name: str, faults: str | None = None) -> BlockNode:
     if faults is not None:
         node = FaultLayer(node, faults)
     return node
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """``data`` in ``path``, durably, replacing it atomically."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        mv = memoryview(data)
+        while mv:
+            mv = mv[os.write(fd, mv):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 # -- the primary -------------------------------------------------------------------
@@ -83,9 +104,13 @@ class PrimaryGraph:
             raise
 
     def mirror(self, peers: Mapping[str, BlockNode | None], *,
-               on_peer_error: PeerErrorHook) -> dict[str, Mirror]:
-        """Put a Mirror over each local image, with ``peers[name]`` as its peer."""
-        self.disks = {name: Mirror(name, local, peers.get(name), on_peer_error=on_peer_error)
+               on_peer_error: PeerErrorHook, records: Mapping | None = None,
+               logs: Mapping | None = None) -> dict[str, Mirror]:
+        """Put a Mirror over each local image, with ``peers[name]`` as its
+        peer (None: none yet), its dirty record and activity log."""
+        records, logs = records or {}, logs or {}
+        self.disks = {name: Mirror(name, local, peers.get(name), on_peer_error=on_peer_error,
+                                   record=records.get(name), al=logs.get(name))
                       for name, local in self.local.items()}
         return self.disks
 
@@ -95,27 +120,44 @@ class PrimaryGraph:
 
 
 # -- the secondary -----------------------------------------------------------------
+async def _nothing() -> None:
+    pass
+
+
 class SecondaryDisk:
-    """The graph of one secondary disk (drawn in the module's note)."""
+    """The graph of one secondary disk (drawn in the module's note).
+
+    ``before_first_write``: awaited before the first of the primary's writes
+    after each checkpoint (:mod:`replfs.block.firstwrite`).  ``saved``: the
+    overlays' bits that :meth:`save_overlays` wrote, to reopen the overlays as
+    they were (a failover's commit resumed after a crash)."""
 
     def __init__(self, name: str, disk: BlockNode, workdir: str | os.PathLike, gate: Gate,
                  *, image: str | None = None, cluster_size: int = CLUSTER_SIZE,
-                 on_export_error: ErrorHook | None = None) -> None:
+                 on_export_error: ErrorHook | None = None,
+                 before_first_write=_nothing,
+                 saved: tuple[bytes, bytes] | None = None) -> None:
         self.name = name
         self.image = image
         self.disk = disk
         self.size = disk.size
+        self.workdir = os.fspath(workdir)
         self.hidden = self.active = None
+        hidden_bits, active_bits = saved or (None, None)
         try:
             self.hidden = Overlay(os.path.join(workdir, f"{name}.hidden"), self.disk,
-                                  cluster_size=cluster_size, name=f"{name}.hidden")
+                                  cluster_size=cluster_size, name=f"{name}.hidden",
+                                  bitmap=hidden_bits)
             self.cbw = CopyBeforeWrite(self.disk, self.hidden, name=f"{name}.cbw")
             self.active = Overlay(os.path.join(workdir, f"{name}.active"), self.cbw.snapshot,
-                                  cluster_size=cluster_size, name=f"{name}.active")
+                                  cluster_size=cluster_size, name=f"{name}.active",
+                                  bitmap=active_bits)
         except BaseException:
             self.close()
             raise
-        self.export = GatedNode(self.cbw, gate, f"{name}:export", on_error=on_export_error)
+        self.first_write = FirstWrite(self.cbw, before_first_write, name=f"{name}:epoch")
+        self.export = GatedNode(self.first_write, gate, f"{name}:export",
+                                on_error=on_export_error)
         self.view = GatedNode(self.active, gate, f"{name}:view")
         self.failed_over = False
 
@@ -134,6 +176,43 @@ class SecondaryDisk:
         self.view.replace_child(self.disk)
         self.failed_over = True
 
+    def pivot(self) -> None:
+        """The view on the disk itself (a failover done before a restart).
+        The caller holds the gate."""
+        self.view.replace_child(self.disk)
+        self.failed_over = True
+
+    # -- the overlays kept across a crash during failover -----------------------------
+    def _saved_path(self, which: str) -> str:
+        return os.path.join(self.workdir, f"{self.name}.{which}.bits")
+
+    async def save_overlays(self) -> None:
+        """Make both overlays durable and write their bits beside them
+        (write-then-rename), so that a commit interrupted by a crash can be
+        resumed.  The caller holds the gate."""
+        for which, overlay in (("hidden", self.hidden), ("active", self.active)):
+            bits = await overlay.save()
+            await iothreads.run(_write_file, self._saved_path(which), bits)
+
+    @staticmethod
+    def load_saved(workdir: str, name: str) -> tuple[bytes, bytes] | None:
+        """The bits :meth:`save_overlays` wrote, or None if any is missing."""
+        out = []
+        for which in ("hidden", "active"):
+            try:
+                with open(os.path.join(workdir, f"{name}.{which}.bits"), "rb") as f:
+                    out.append(f.read())
+            except FileNotFoundError:
+                return None
+        return out[0], out[1]
+
+    def drop_saved(self) -> None:
+        for which in ("hidden", "active"):
+            try:
+                os.unlink(self._saved_path(which))
+            except FileNotFoundError:
+                pass
+
     def statistics(self) -> dict:
         return {
             "size": self.size,
@@ -144,9 +223,12 @@ class SecondaryDisk:
             "view": self.active.statistics(),
         }
 
-    def close(self) -> None:
-        """Close every node; remove the overlays' scratch files."""
+    def close(self, keep_files: bool = False) -> None:
+        """Close every node; remove the overlays' scratch files (unless
+        ``keep_files``: a failover's commit still needs them)."""
         close_graph(n for n in (self.active, self.hidden, self.disk) if n is not None)
+        if keep_files:
+            return
         for overlay in (self.active, self.hidden):
             if overlay is None:
                 continue
@@ -157,28 +239,34 @@ class SecondaryDisk:
 
 
 class SecondaryGraph:
-    """All disks of a secondary mount, their workdir and their one gate."""
+    """All disks of a secondary mount, their workdir and their one gate.
+
+    The default workdir is deterministic (:func:`replfs.meta.paths.workdir_path`
+    of the first image), so a restarted daemon finds what a crashed one
+    left there; it is removed at a clean exit when nothing in it is needed."""
 
     def __init__(self, images: Mapping[str, str], *, workdir: str | None = None,
                  cluster_size: int = CLUSTER_SIZE, faults: str | None = None,
-                 on_export_error: ErrorHook | None = None) -> None:
+                 on_export_error: ErrorHook | None = None,
+                 before_first_write=None,
+                 resume: Mapping[str, tuple[bytes, bytes]] | None = None) -> None:
         self.remove_workdir = workdir is None
         if workdir is None:
-            first = next(iter(images.values()))
-            workdir = tempfile.mkdtemp(prefix=".replfs-",
-                                       dir=os.path.dirname(os.path.abspath(first)))
-        else:
-            os.makedirs(workdir, exist_ok=True)
+            workdir = workdir_path(next(iter(images.values())))
+        os.makedirs(workdir, mode=0o700, exist_ok=True)
         self.workdir = workdir
         self.gate = Gate()
         self.disks: dict[str, SecondaryDisk] = {}
         try:
             for name, image in images.items():
                 disk = open_image(image, f"{name}:secondary-disk", faults)
+                hook = _nothing if before_first_write is None else \
+                    functools.partial(before_first_write, name)
                 try:
                     self.disks[name] = SecondaryDisk(
                         name, disk, workdir, self.gate, image=image,
-                        cluster_size=cluster_size, on_export_error=on_export_error)
+                        cluster_size=cluster_size, on_export_error=on_export_error,
+                        before_first_write=hook, saved=(resume or {}).get(name))
                 except BaseException:
                     close_graph([disk])
                     raise
@@ -192,8 +280,12 @@ class SecondaryGraph:
     def views(self) -> dict[str, GatedNode]:
         return {name: d.view for name, d in self.disks.items()}
 
-    def close(self) -> None:
-        for d in self.disks.values():
-            d.close()
+    def close(self, keep: frozenset[str] = frozenset()) -> None:
+        """Close every disk; ``keep``: disks whose overlay files stay."""
+        for name, d in self.disks.items():
+            d.close(keep_files=name in keep)
         if self.remove_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            try:
+                os.rmdir(self.workdir)  # only if empty: saved bits stay
+            except OSError:
+                pass

@@ -24,7 +24,14 @@ any block node in tests):
   (a range lock): the peer may serve concurrent requests in any order, and
   the two images must end up equal;
 * ``flush()`` flushes both sides concurrently (NBD FLUSH on the wire); only
-  the local side's error reaches the caller.
+  the local side's error reaches the caller;
+* with a dirty record (``record``, :mod:`replfs.block.dirty`), a write the
+  peer did not get (no peer, or it failed) marks its clusters, and a write
+  the peer got clears the clusters it covers whole; with an activity log
+  (``al``), the write's extents are logged durably before it reaches the
+  local image.  A resync copy takes the same range lock (``order``) as the
+  writes, so a copy and a write to the same bytes are never in flight
+  together and a copy never overwrites a newer write (DRBD's rule).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from collections.abc import Callable
 import trio
 
 from replfs.block.base import BlockNode, Extent, nbytes
+from replfs.block.dirty import ActivityLog, DirtyRecord
 from replfs.core.rangelock import RangeLock
 from replfs.errors import BlockError
 
@@ -46,7 +54,8 @@ PeerErrorHook = Callable[["Mirror", str], None]
 
 class Mirror(BlockNode):
     def __init__(self, name: str, local: BlockNode, peer: BlockNode | None,
-                 *, on_peer_error: PeerErrorHook) -> None:
+                 *, on_peer_error: PeerErrorHook, record: DirtyRecord | None = None,
+                 al: ActivityLog | None = None) -> None:
         if peer is not None and peer.size != local.size:
             raise ValueError(f"{name}: the peer's size differs from the local image's")
         self.name = name
@@ -54,7 +63,10 @@ class Mirror(BlockNode):
         self.peer = peer
         self.size = local.size
         self._on_peer_error = on_peer_error
-        self._order = RangeLock(f"{name}.order")
+        #: Held exclusively by every write (and by a resync copy) on its range.
+        self.order = RangeLock(f"{name}.order")
+        self.record = record
+        self.al = al
         self._inflight: dict[int, float] = {}  # token -> start (trio clock)
         self._next_token = 0
         self.bytes_written = 0
@@ -71,10 +83,16 @@ class Mirror(BlockNode):
         """Seconds the oldest request to the peer has been waiting."""
         return now - min(self._inflight.values()) if self._inflight else 0.0
 
-    async def _to_peer(self, what: str, call) -> None:
+    def attach_peer(self, peer: BlockNode) -> None:
+        if peer.size != self.size:
+            raise ValueError(f"{self.name}: the peer's size differs from the local image's")
+        self.peer = peer
+
+    async def _to_peer(self, what: str, call) -> bool:
+        """``call(peer)``; True if the peer has it."""
         peer = self.peer
         if peer is None:
-            return
+            return False
         token = self._next_token
         self._next_token = token + 1
         self._inflight[token] = trio.current_time()
@@ -83,19 +101,32 @@ class Mirror(BlockNode):
         except Exception as exc:  # never fail the VM's I/O for the peer
             if self.peer is peer:
                 self._on_peer_error(self, _describe(what, exc))
+            return False
         finally:
             del self._inflight[token]
+        return True
 
     async def _mirrored(self, what: str, offset: int, length: int, call) -> None:
-        """Run ``call(node)`` on the local image, then on the peer."""
-        async with self._order.exclusive(offset, offset + length):
-            await call(self.local)
-            self.writes += 1
-            self.bytes_written += length
-            if self.peer is not None:
-                await self._to_peer(what, call)
-                if self.peer is not None:
+        """Run ``call(node)`` on the local image, then on the peer; what the
+        peer did not get goes into the dirty record."""
+        async with self.order.exclusive(offset, offset + length):
+            al = self.al
+            if al is not None:
+                await al.begin(offset, length)  # logged before it reaches the image
+            try:
+                await call(self.local)
+                self.writes += 1
+                self.bytes_written += length
+                rec = self.record
+                if await self._to_peer(what, call):
                     self.bytes_replicated += length
+                    if rec is not None and (rec.bits.count or rec.suspect.count):
+                        rec.clear_covered(offset, length)
+                elif rec is not None:
+                    rec.mark(offset, length)
+            finally:
+                if al is not None:
+                    al.end(offset, length)
 
     # -- BlockNode ----------------------------------------------------------------
     async def _read(self, offset: int, length: int) -> bytes:
@@ -144,6 +175,7 @@ class Mirror(BlockNode):
             "bytes_written": self.bytes_written,
             "bytes_replicated": self.bytes_replicated,
             "replicating": self.peer is not None,
+            "out_of_sync_bytes": self.record.out_of_sync_bytes if self.record else 0,
         }
 
 

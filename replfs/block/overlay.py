@@ -92,7 +92,10 @@ class Overlay(BlockNode):
         name: str | None = None,
         sync_data: bool = False,
         reclaim: bool = False,
+        bitmap: bytes | None = None,
     ):
+        """``bitmap``: reopen an existing overlay (its data file as it is and
+        the bits :meth:`save` wrote) instead of creating an empty one."""
         if cluster_size < 512 or cluster_size & (cluster_size - 1):
             raise ValueError(f"cluster_size {cluster_size} is not a power of two >= 512")
         self.path = os.fspath(path)
@@ -104,8 +107,15 @@ class Overlay(BlockNode):
         self.nclusters = (self.size + cluster_size - 1) >> self._shift
         self.sync_data = sync_data
         self.reclaim = reclaim
-        self.data = RawImage.create(self.path, self.size, name=f"{self.name}.data")
-        self.bitmap = ClusterBitmap(self.nclusters)
+        if bitmap is None:
+            self.data = RawImage.create(self.path, self.size, name=f"{self.name}.data")
+            self.bitmap = ClusterBitmap(self.nclusters)
+        else:
+            self.data = RawImage(self.path, name=f"{self.name}.data")
+            if self.data.size != self.size:
+                self.data.close()
+                raise ValueError(f"{self.path}: {self.data.size} bytes, expected {self.size}")
+            self.bitmap = ClusterBitmap.from_bytes(self.nclusters, bitmap)
         self.lock = RangeLock(self.name)
         self.stats = OverlayStats()
 
@@ -271,6 +281,13 @@ class Overlay(BlockNode):
         self.stats.resets += 1
         if self.reclaim:
             await self.data.discard_all()
+
+    async def save(self) -> bytes:
+        """Make the data file durable and return the bits that describe it:
+        with them the overlay can be reopened as it is now (``bitmap=``).
+        The caller holds ``whole()`` or otherwise keeps writes out."""
+        await self.data.flush()
+        return self.bitmap.to_bytes()
 
     # -- graph -----------------------------------------------------------------------
     def children(self) -> dict[str, BlockNode]:

@@ -278,3 +278,38 @@ class ClusterBitmap:
             j = self.next_clear(i, end)
             yield i, j
             i = self.next_set(j, end)
+
+    # -- serialization (the on-disk bitmap of :mod:`replfs.meta.format`) --------
+    def to_bytes(self) -> bytes:
+        """A copy of the packed bits (``(nbits + 7) >> 3`` bytes, the layout
+        above); bits past ``nbits`` in the last byte are always 0."""
+        return bytes(self._buf)
+
+    @classmethod
+    def from_bytes(cls, nbits: int, data) -> ClusterBitmap:
+        """A bitmap of ``nbits`` bits from packed ``data`` (exactly
+        ``(nbits + 7) >> 3`` bytes, bytes-like).  Bits past ``nbits`` in the
+        last byte are cleared; the count and the summary are rebuilt from the
+        bits (cost: one compare per 4 KiB chunk, a popcount of the non-zero
+        ones)."""
+        bm = cls(nbits)
+        n = len(bm._buf)
+        if len(data) != n:
+            raise ValueError(f"{len(data)} bytes for {nbits} bits, expected {n}")
+        if not n:
+            return bm
+        bm._mv[:] = data
+        buf = bm._buf
+        if nbits & 7:
+            buf[-1] &= (1 << (nbits & 7)) - 1
+        count = 0
+        summary = bm._summary
+        for c in range(len(summary)):
+            a = c << _CHUNK_SHIFT
+            b = min(a + CHUNK, n)
+            chunk = buf[a:b]
+            if chunk != (_ZERO_CHUNK if b - a == CHUNK else bytes(b - a)):
+                summary[c] = 1
+                count += int.from_bytes(chunk, "little").bit_count()
+        bm._count = count
+        return bm

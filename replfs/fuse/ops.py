@@ -14,9 +14,12 @@ Layout (fixed inode numbers)::
     /NAME           16 + i   one per disk, fixed size, read-write
     /.replfs/       2
         checkpoint  3        write 1: run the action; write() returns when done
-        failover    4
+        failover    4        (1, or "force")
         stop        5
         status      6        JSON, read-only
+        connect     7        (1, or HOST:PORT)
+        disconnect  8
+        resync      9        (1, or "full")
 
 The kernel's page cache is used for disk files (``keep_cache``): every write
 passes through the daemon (no writeback cache), so the cache is coherent on
@@ -44,8 +47,8 @@ log = logging.getLogger("replfs.fs")
 
 ROOT = pyfuse3.ROOT_INODE
 CTL_DIR = 2
-ACTIONS = {name.encode(): 3 + i for i, name in enumerate(control.ACTIONS)}
 STATUS = 6
+ACTIONS = {name.encode(): inode for name, inode in zip(control.ACTIONS, (3, 4, 5, 7, 8, 9))}
 FIRST_DISK = 16
 
 TIMEOUT = 3600.0  # attribute and entry cache: nothing here changes shape

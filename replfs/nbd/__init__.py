@@ -12,6 +12,11 @@ Design note
   nodes with it;
 * :mod:`replfs.nbd.client` -- ``NBDClient`` (a ``BlockNode``), ``connect`` and
   ``open_client``: the primary forwards every write with it;
+* :mod:`replfs.nbd.control` -- the control channel, replfs's private
+  extension ``NBD_OPT_X_REPLFS``: JSON calls on a connection that stays in
+  option haggling (``open_control``; the server side is
+  ``NBDServer(control=...)``).  A private option, because a plain NBD
+  server answers it NBD_REP_ERR_UNSUP and carries on;
 * ``_sockio`` -- what server and client share: socket treatment, the
   receive step, request counters.
 
@@ -24,14 +29,18 @@ nothing heavy: the sans-IO modules stay usable without trio.
 
 from replfs.nbd._events import ClientFlags, ExportInfo, ExportList, Greeting, OptAck, OptionError  # handshake
 from replfs.nbd._events import OptAbort, OptExportName, OptGo, OptInfo, OptInvalid, OptList, OptUnknown  # options
+from replfs.nbd._events import OptPrivate, PrivateReply  # replfs's private extension
 from replfs.nbd._events import BadRequest, ConnectionClosed, Disconnect, Reply, Request  # transmission
 from replfs.nbd.connection import DIRECT_PAYLOAD_THRESHOLD, NEED_DATA, PAUSED, ClientConnection, ServerConnection
 from replfs.nbd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from replfs.nbd.errors import ControlError, ControlRefused, ControlUnsupported
 
 __all__ = [
     "NEED_DATA", "PAUSED", "DIRECT_PAYLOAD_THRESHOLD", "ServerConnection", "ClientConnection",
     "ProtocolError", "LocalProtocolError", "RemoteProtocolError",
+    "ControlError", "ControlRefused", "ControlUnsupported",
     "ClientFlags", "ExportInfo", "ExportList", "Greeting", "OptAck", "OptionError",
     "OptAbort", "OptExportName", "OptGo", "OptInfo", "OptInvalid", "OptList", "OptUnknown",
+    "OptPrivate", "PrivateReply",
     "BadRequest", "ConnectionClosed", "Disconnect", "Reply", "Request",
 ]

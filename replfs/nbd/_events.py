@@ -10,6 +10,12 @@ connection state.  They are frozen and slotted: cheap to build on the hot
 path (one ``Request`` / ``Reply`` per NBD request) and safe to compare in
 tests.  ``OptInvalid`` and ``BadRequest`` exist only on the receiving side:
 a well-framed message that the server must refuse and then carry on.
+
+``OptPrivate`` / ``PrivateReply`` are replfs's private extension, not the
+document's: one call on the control channel (``NBD_OPT_X_REPLFS``, see
+``replfs/nbd/control.py``).  They carry raw bytes (the JSON lives above the
+core); the server answers an ``OptPrivate`` with a ``PrivateReply`` or an
+``OptionError``, and the connection stays in option haggling.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ __all__ = [
     "OptAbort",
     "OptUnknown",
     "OptInvalid",
+    "OptPrivate",
     "ExportInfo",
     "ExportList",
     "OptionError",
     "OptAck",
+    "PrivateReply",
     "Request",
     "BadRequest",
     "Disconnect",
@@ -155,6 +163,25 @@ class OptAck:
     """S->C: a bare NBD_REP_ACK (the answer to NBD_OPT_ABORT)."""
 
     option: int = P.NBD_OPT_ABORT
+
+
+@dataclass(frozen=True, slots=True)
+class OptPrivate:
+    """C->S: NBD_OPT_X_REPLFS, a control request (replfs's private extension).
+
+    A server core recognises it only when built with ``control=True``;
+    otherwise it arrives as an ``OptUnknown`` like any option it does not know.
+    """
+
+    payload: bytes = b""
+    option = P.NBD_OPT_X_REPLFS
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateReply:
+    """S->C: NBD_REP_X_REPLFS, the answer to a successful ``OptPrivate``."""
+
+    payload: bytes = b""
 
 
 # -- events: transmission ------------------------------------------------------

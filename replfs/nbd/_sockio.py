@@ -12,6 +12,13 @@ list of buffers and written with one ``send`` (small total: joined first, a
 join of a few KiB is cheaper than an iovec) or ``sendmsg`` (large payloads:
 never concatenated), looping over partial writes.  Both count requests the
 same way (:class:`RequestStats`, the keys of their ``statistics()``).
+
+The control channel (``control.py``) uses the same socket treatment: its
+connection stays open, idle, for a whole pairing, and keepalive (below) is
+what notices a peer host that died.  It sends with
+:meth:`FastSocket.send_cancellable`, because a call's timeout must be able to
+interrupt a send that the peer does not read; the channel is dropped
+whenever that happens, so a half-sent message does no harm.
 """
 
 from __future__ import annotations
@@ -193,6 +200,13 @@ class FastSocket:
                     n += sock.send(view[n:])
                 except BlockingIOError:
                     pass
+
+    async def send_cancellable(self, bufs: list) -> None:
+        """Write every buffer in ``bufs``, cancellable while it waits: a
+        cancelled send may leave a message half-written, so only for callers
+        that then drop the connection (the control client)."""
+        self._check_open()
+        await self._sendmsg_loop(bufs)
 
     async def _sendmsg_all(self, bufs: list) -> None:
         with trio.CancelScope(shield=True):

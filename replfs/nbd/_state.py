@@ -25,6 +25,11 @@ A trigger names what happened, the same way for both roles (the server
 *receives* an option, the client *sends* it: both are ``OPTION``), so each
 role's table reads like the document's message sequence.
 
+A control connection (``NBD_OPT_X_REPLFS``, replfs's private extension,
+``control.py``) needs no state of its own: each call is an option answered
+like any other (OPTIONS -> OPTION_REPLY -> OPTIONS), it never enters
+TRANSMISSION, and it ends with NBD_OPT_ABORT (CLOSED) or a hang-up.
+
 Within TRANSMISSION nothing changes state but NBD_CMD_DISC: requests and
 replies are matched by cookie (the table of requests in flight lives in
 the connection), which keeps the hot path free of transitions.

@@ -37,6 +37,9 @@ methods raise only :class:`~replfs.errors.BlockError`.
   raises :class:`ExportRefusedError` carrying the server's message; a
   protocol error raises ``BlockError(errno_hint)`` (EPROTO for the server's
   fault, EINVAL for ours, e.g. an export name too long to send).
+  :func:`open_connection` (connect, tune, negotiate within the timeout, map
+  the failures) and :func:`greet` are shared with the control client
+  (``control.py``).
   Requests larger than the server's maximum block size are split; features
   the server does not advertise are emulated (FUA -> write + flush,
   WRITE_ZEROES -> writes of zeroes, TRIM -> write zeroes, so a trimmed range
@@ -458,7 +461,9 @@ async def _next(core: ClientConnection, sock, where: str, closed_ok: bool = Fals
         await sock.feed(core)
 
 
-async def _negotiate(sock, core: ClientConnection, export_name: str, where: str) -> ExportInfo:
+async def greet(sock, core: ClientConnection, where: str) -> int:
+    """Read the greeting, answer with every client flag the server offers;
+    returns those flags."""
     greeting = await _next(core, sock, where)
     hflags = greeting.handshake_flags
     cflags = 0
@@ -467,6 +472,11 @@ async def _negotiate(sock, core: ClientConnection, export_name: str, where: str)
     if hflags & P.NBD_FLAG_NO_ZEROES:
         cflags |= P.NBD_FLAG_C_NO_ZEROES
     await sock.send_buffers([core.send(ClientFlags(cflags))])
+    return cflags
+
+
+async def _negotiate(sock, core: ClientConnection, export_name: str, where: str) -> ExportInfo:
+    cflags = await greet(sock, core, where)
     if cflags & P.NBD_FLAG_C_FIXED_NEWSTYLE:
         await sock.send_buffers([core.send(OptGo(export_name, (P.NBD_INFO_BLOCK_SIZE,)))])
         ev = await _next(core, sock, where)
@@ -515,6 +525,20 @@ async def connect(
     refuses the export.
     """
     where = f"nbd://{host}:{port}/{export_name}"
+    sock, core, info = await open_connection(
+        host, port, where, connect_timeout, lambda sock, core: _negotiate(sock, core, export_name, where)
+    )
+    client = NBDClient(sock, core, info, host=host, port=port, export_name=export_name)
+    if nursery is not None:
+        client.start(nursery)
+    return client
+
+
+async def open_connection(host: str, port: int, where: str, connect_timeout: float, negotiate):
+    """Connect, tune the socket and run ``await negotiate(sock, core)``, all
+    within ``connect_timeout``; returns ``(sock, core, what negotiate
+    returned)``.  Failures close the socket and become :class:`BlockError`
+    (what ``negotiate`` raises itself passes through)."""
     sock = None
     try:
         with trio.fail_after(connect_timeout):
@@ -526,7 +550,7 @@ async def connect(
             sock = FastSocket(stream.socket)
             tune_socket(sock)
             core = ClientConnection()
-            info = await _negotiate(sock, core, export_name, where)
+            result = await negotiate(sock, core)
     except trio.TooSlowError:
         if sock is not None:
             sock.close()
@@ -543,10 +567,7 @@ async def connect(
         if sock is not None:
             sock.close()
         raise
-    client = NBDClient(sock, core, info, host=host, port=port, export_name=export_name)
-    if nursery is not None:
-        client.start(nursery)
-    return client
+    return sock, core, result
 
 
 @asynccontextmanager

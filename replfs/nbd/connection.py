@@ -31,6 +31,15 @@ keep parsing).  Transmission uses simple replies only (we never accept
 from the request it answers: both roles keep a table of requests in flight
 keyed by cookie (the document's "handle").
 
+replfs's private extension, ``NBD_OPT_X_REPLFS`` (the control channel,
+``replfs/nbd/control.py``): a client sends :class:`OptPrivate` and reads
+:class:`PrivateReply` or :class:`OptionError`; a server built with
+``control=True`` receives :class:`OptPrivate` (data up to
+``MAX_CONTROL_PAYLOAD``, 4 MiB, instead of ``MAX_OPTION_LENGTH``) and answers
+it like any option, so the connection stays in OPTIONS.  Without
+``control=True`` the option is an :class:`OptUnknown` under the usual limit,
+byte for byte what a plain server does.
+
 Hot path: the transmission phase is the replication path (every VM write),
 so headers are parsed with precompiled ``struct.Struct.unpack_from`` straight
 from a ``bytearray`` buffer, consumed bytes are dropped with ``del buf[:n]``
@@ -53,6 +62,7 @@ from dataclasses import dataclass
 from replfs.nbd import proto as P
 from replfs.nbd._events import ClientFlags, ExportInfo, ExportList, Greeting, OptAck, OptionError  # handshake
 from replfs.nbd._events import OptAbort, OptExportName, OptGo, OptInfo, OptInvalid, OptList, OptUnknown  # options
+from replfs.nbd._events import OptPrivate, PrivateReply  # replfs's private extension (control.py)
 from replfs.nbd._events import BadRequest, ConnectionClosed, Disconnect, Reply, Request  # transmission
 from replfs.nbd._state import CLEAN_END, CLIENT, INITIAL_STATE, SERVER, State, Trigger, next_state
 from replfs.nbd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -300,13 +310,16 @@ class ServerConnection(_Connection):
     Typical use: ``send(Greeting())``, then loop on ``next_event()``; answer
     every option event with ``ExportInfo`` / ``ExportList`` / ``OptionError``
     / ``OptAck``; in transmission answer each ``Request`` or ``BadRequest``
-    with a ``Reply``.
+    with a ``Reply``.  With ``control=True`` an ``OptPrivate`` may arrive too,
+    answered with ``PrivateReply`` or ``OptionError``.
     """
 
     our_role = SERVER
 
-    def __init__(self, *, max_payload: int = P.MAX_BLOCK_SIZE):
+    def __init__(self, *, max_payload: int = P.MAX_BLOCK_SIZE, control: bool = False):
         super().__init__(max_payload=max_payload)
+        #: Whether NBD_OPT_X_REPLFS is recognised (as OptPrivate).
+        self.control = control
         self.handshake_flags = 0
         self.client_flags = 0
         self.no_zeroes = False
@@ -352,10 +365,10 @@ class ServerConnection(_Connection):
         magic, option, length = P.OPTION_HEADER.unpack_from(buf)
         if magic != P.IHAVEOPT:
             raise self._remote_error(f"bad option magic {magic:#x} (expected IHAVEOPT)")
-        if length > P.MAX_OPTION_LENGTH:
-            raise self._remote_error(
-                f"{P.option_name(option)} carries {length} bytes of data (limit {P.MAX_OPTION_LENGTH})"
-            )
+        private = option == P.NBD_OPT_X_REPLFS and self.control
+        limit = P.MAX_CONTROL_PAYLOAD if private else P.MAX_OPTION_LENGTH
+        if length > limit:
+            raise self._remote_error(f"{P.option_name(option)} carries {length} bytes of data (limit {limit})")
         end = _OPTION_HEADER_SIZE + length
         if len(buf) < end:
             return self._eof_event()
@@ -363,6 +376,8 @@ class ServerConnection(_Connection):
         del buf[:end]
         self._transition(Trigger.OPTION)
         self.pending_option = option
+        if private:
+            return OptPrivate(data)
         return self._parse_option(option, data)
 
     def _parse_option(self, option: int, data: bytes):
@@ -489,7 +504,19 @@ class ServerConnection(_Connection):
                 raise self._local_error("a bare ACK only answers NBD_OPT_ABORT here")
             self._answered(Trigger.ENDED)
             return [P.OPTION_REPLY_HEADER.pack(P.OPTION_REPLY_MAGIC, option, P.NBD_REP_ACK, 0)]
+        if t is PrivateReply:
+            return self._send_private_reply(option, event)
         raise self._local_error(f"a server cannot send {t.__name__}")
+
+    def _send_private_reply(self, option: int, event: PrivateReply) -> list:
+        if option != P.NBD_OPT_X_REPLFS or not self.control:
+            raise self._local_error(f"PrivateReply does not answer {P.option_name(option)}")
+        payload = event.payload
+        if len(payload) > P.MAX_CONTROL_PAYLOAD:
+            raise self._local_error(f"control reply of {len(payload)} bytes exceeds {P.MAX_CONTROL_PAYLOAD}")
+        self._answered(Trigger.ANSWERED)
+        header = P.OPTION_REPLY_HEADER.pack(P.OPTION_REPLY_MAGIC, option, P.NBD_REP_X_REPLFS, len(payload))
+        return [header, payload] if payload else [header]
 
     def _answered(self, trigger: Trigger) -> None:
         self.pending_option = None
@@ -579,8 +606,9 @@ class ClientConnection(_Connection):
 
     Typical use: wait for ``Greeting``; ``send(ClientFlags(...))``; send one
     option at a time and read its answer (``ExportInfo``, ``ExportList``,
-    ``OptionError`` or ``OptAck``); after a successful GO / EXPORT_NAME send
-    ``Request`` events with distinct cookies and read ``Reply`` events.
+    ``OptionError``, ``OptAck``, or ``PrivateReply`` to ``OptPrivate``);
+    after a successful GO / EXPORT_NAME send ``Request`` events with
+    distinct cookies and read ``Reply`` events.
     """
 
     our_role = CLIENT
@@ -663,8 +691,9 @@ class ClientConnection(_Connection):
                 raise self._remote_error(
                     f"reply for {P.option_name(option)} while waiting for {P.option_name(self.pending_option)}"
                 )
-            if length > P.MAX_OPTION_LENGTH:
-                raise self._remote_error(f"option reply of {length} bytes is too large")
+            limit = P.MAX_CONTROL_PAYLOAD if option == P.NBD_OPT_X_REPLFS else P.MAX_OPTION_LENGTH
+            if length > limit:
+                raise self._remote_error(f"option reply of {length} bytes is too large (limit {limit})")
             end = _OPTION_REPLY_SIZE + length
             if len(buf) < end:
                 return self._eof_event()
@@ -678,6 +707,11 @@ class ClientConnection(_Connection):
         if rtype & P.NBD_REP_FLAG_ERROR:
             self._option_done(Trigger.ANSWERED)
             return OptionError(rtype, data.decode("utf-8", "replace"), option)
+        if option == P.NBD_OPT_X_REPLFS:
+            if rtype != P.NBD_REP_X_REPLFS:
+                raise self._remote_error(f"unexpected {P.reply_name(rtype)} to NBD_OPT_X_REPLFS")
+            self._option_done(Trigger.ANSWERED)
+            return PrivateReply(data)
         if option in (P.NBD_OPT_GO, P.NBD_OPT_INFO):
             if rtype == P.NBD_REP_INFO:
                 self._parse_info(data)
@@ -800,6 +834,10 @@ class ClientConnection(_Connection):
             data = b""
         elif t is OptUnknown:
             data = bytes(event.data)
+        elif t is OptPrivate:
+            data = bytes(event.payload)
+            if len(data) > P.MAX_CONTROL_PAYLOAD:
+                raise self._local_error(f"control request of {len(data)} bytes exceeds {P.MAX_CONTROL_PAYLOAD}")
         else:
             raise self._local_error(f"a client cannot send {t.__name__}")
         option = event.option
@@ -807,7 +845,10 @@ class ClientConnection(_Connection):
             raise self._local_error("only NBD_OPT_EXPORT_NAME is possible without fixed newstyle")
         self._transition(Trigger.OPTION)
         self.pending_option = option
-        return [P.OPTION_HEADER.pack(P.IHAVEOPT, option, len(data)) + data]
+        header = P.OPTION_HEADER.pack(P.IHAVEOPT, option, len(data))
+        if t is OptPrivate and data:
+            return [header, data]  # up to 4 MiB: not concatenated
+        return [header + data]
 
     def _send_client_flags(self, event: ClientFlags) -> bytes:
         if self._state is not State.SEND_FLAGS:

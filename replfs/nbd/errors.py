@@ -18,6 +18,18 @@ a :class:`~replfs.errors.BlockError` at the edge (h11's
 ``error_status_hint``): ``EPROTO`` for what the peer sent, ``EINVAL`` for
 what we asked, ``ECONNRESET`` when the peer hung up in the middle of a
 message.  A raise site may pass a better one.
+
+The control channel (``NBD_OPT_X_REPLFS``, replfs's private extension, see
+``control.py``) adds two errors that are not protocol errors: the
+connection is intact and may carry the next call.
+
+* :class:`ControlRefused` ``(code, message)``: the peer's control handler
+  said no, with an NBD_REP_ERR_* reply type and a message ("split brain:
+  ...").  A server's handler raises it to refuse; a client receives it.
+* :class:`ControlUnsupported`: the server answered NBD_REP_ERR_UNSUP, as
+  every plain NBD server (qemu-nbd, nbdkit) or a replfs server without a
+  control handler does.  Its own class, not a refusal, because the caller
+  wants to tell "no control channel here" from "the peer said no".
 """
 
 from __future__ import annotations
@@ -25,8 +37,12 @@ from __future__ import annotations
 import errno
 
 from replfs.errors import ReplfsError
+from replfs.nbd import proto as P
 
-__all__ = ["ProtocolError", "LocalProtocolError", "RemoteProtocolError"]
+__all__ = [
+    "ProtocolError", "LocalProtocolError", "RemoteProtocolError",
+    "ControlError", "ControlRefused", "ControlUnsupported",
+]
 
 
 class ProtocolError(ReplfsError):
@@ -53,3 +69,32 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol does not allow: drop it."""
 
     errno_hint = errno.EPROTO
+
+
+class ControlError(ReplfsError):
+    """A control call was answered with an error; the connection goes on."""
+
+
+class ControlRefused(ControlError):
+    """The control handler refused: ``code`` (an NBD_REP_ERR_* value other
+    than NBD_REP_ERR_UNSUP) and ``message`` go to the client verbatim."""
+
+    def __init__(self, code: int, message: str):
+        if not code & P.NBD_REP_FLAG_ERROR or code > 0xFFFFFFFF:
+            raise ValueError(f"{code:#x} is not an NBD_REP_ERR_* reply type")
+        if code == P.NBD_REP_ERR_UNSUP:
+            raise ValueError("NBD_REP_ERR_UNSUP means 'no control channel here'; refuse with another code")
+        super().__init__(f"{message} ({P.reply_name(code)})")
+        self.code = code
+        self.message = message
+
+
+class ControlUnsupported(ControlError):
+    """The server does not know NBD_OPT_X_REPLFS (it answered
+    NBD_REP_ERR_UNSUP): a plain NBD server.  ``message`` is its text."""
+
+    code = P.NBD_REP_ERR_UNSUP
+
+    def __init__(self, message: str = ""):
+        super().__init__(f"server does not support the replfs control channel: {message or 'NBD_REP_ERR_UNSUP'}")
+        self.message = message

@@ -11,6 +11,14 @@ the wire are big-endian ("Conventions": network byte order).
 The errno <-> NBD error mapping lives here too ("Error values"): a server
 maps a local :class:`~replfs.errors.BlockError` errno onto the small set of
 values the protocol allows, and a client maps it back.
+
+One value is not in the document: :data:`NBD_OPT_X_REPLFS` and its reply
+type :data:`NBD_REP_X_REPLFS`, replfs's private control channel (see
+:mod:`replfs.nbd.control`).  It is a third-party extension: an option
+number, because "Baseline" makes every server answer an option it does not
+know with NBD_REP_ERR_UNSUP and keep negotiating, so qemu-nbd and nbdkit
+answer "unsupported" and nothing breaks; a new command or flag would not be
+that safe.
 """
 
 from __future__ import annotations
@@ -61,6 +69,20 @@ NBD_OPT_LIST_META_CONTEXT = 9
 NBD_OPT_SET_META_CONTEXT = 10
 NBD_OPT_EXTENDED_HEADERS = 11
 
+# -- replfs's private extension (third-party; not in the NBD document) ---------
+#: The control channel's option: ASCII "RPLF", far from the document's small
+#: option numbers.  Its data is one JSON object (UTF-8), the request.  A
+#: connection that uses it never sends NBD_OPT_GO: it stays in option
+#: haggling (see replfs/nbd/control.py).
+NBD_OPT_X_REPLFS = 0x52504C46
+#: The reply type of a successful control call (bit 31 clear, so not an
+#: error; the document's reply types are 1 to 4): its data is one JSON
+#: object, the answer.  A refusal is any NBD_REP_ERR_* with a UTF-8 message.
+NBD_REP_X_REPLFS = 0x52504C46
+#: Largest control request or answer (the data of the option or its reply):
+#: digests of a large disk need far more than MAX_OPTION_LENGTH.
+MAX_CONTROL_PAYLOAD = 4 * 1024 * 1024
+
 OPTION_NAMES = {
     NBD_OPT_EXPORT_NAME: "NBD_OPT_EXPORT_NAME",
     NBD_OPT_ABORT: "NBD_OPT_ABORT",
@@ -73,6 +95,7 @@ OPTION_NAMES = {
     NBD_OPT_LIST_META_CONTEXT: "NBD_OPT_LIST_META_CONTEXT",
     NBD_OPT_SET_META_CONTEXT: "NBD_OPT_SET_META_CONTEXT",
     NBD_OPT_EXTENDED_HEADERS: "NBD_OPT_EXTENDED_HEADERS",
+    NBD_OPT_X_REPLFS: "NBD_OPT_X_REPLFS",
 }
 
 # -- "Option reply types" -------------------------------------------------------
@@ -105,6 +128,7 @@ REPLY_NAMES = {
     NBD_REP_ERR_SHUTDOWN: "NBD_REP_ERR_SHUTDOWN",
     NBD_REP_ERR_BLOCK_SIZE_REQD: "NBD_REP_ERR_BLOCK_SIZE_REQD",
     NBD_REP_ERR_TOO_BIG: "NBD_REP_ERR_TOO_BIG",
+    NBD_REP_X_REPLFS: "NBD_REP_X_REPLFS",
 }
 
 # -- NBD_REP_INFO information types (under "NBD_OPT_INFO and NBD_OPT_GO") -------
@@ -166,9 +190,10 @@ NBD_ESHUTDOWN = 108
 MIN_BLOCK_SIZE = 1
 PREFERRED_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 32 * 1024 * 1024
-#: Largest option payload a server accepts during option haggling.  Strings
-#: are limited to 4096 bytes ("Conventions"); anything far beyond is a peer
-#: trying to make us buffer without bound.
+#: Largest option payload a server accepts during option haggling (but
+#: NBD_OPT_X_REPLFS: MAX_CONTROL_PAYLOAD).  Strings are limited to 4096 bytes
+#: ("Conventions"); anything far beyond is a peer trying to make us buffer
+#: without bound.
 MAX_OPTION_LENGTH = 64 * 1024
 #: Longest string (export name, error message) we send or accept.
 MAX_STRING = 4096

@@ -54,14 +54,44 @@ The server enforces only what belongs to the transport; whether a client
 
 NBD_OPT_EXPORT_NAME cannot carry an error: a refused one terminates the
 session, and the message only reaches the log.
+
+The control channel (replfs's private extension)
+------------------------------------------------
+``control(request, peer) -> dict`` (an async callable; None by default)
+answers ``NBD_OPT_X_REPLFS``, the option the primary and the secondary talk
+over besides the data path (reconnect, resync, generation check, digests;
+the wire format is in ``control.py``).  It is a private *option* because a
+plain server answers an option it does not know with NBD_REP_ERR_UNSUP and
+carries on, so qemu-nbd and nbdkit stay usable as peers.  Without
+``control`` this server does exactly that too.
+
+* ``request`` is the decoded JSON object, ``peer`` the client's address as
+  ``accept()`` gave it (``(host, port)`` for IPv4).  The returned dict goes
+  back as ``NBD_REP_X_REPLFS``.  Raising :class:`~replfs.nbd.errors.ControlRefused`
+  refuses with its code and message (verbatim; only a message over the
+  protocol's 4096-byte string limit is cut); any other exception is answered
+  NBD_REP_ERR_INVALID "internal error" and logged with its traceback; a
+  request that is not a JSON object gets NBD_REP_ERR_INVALID, an answer
+  over 4 MiB NBD_REP_ERR_TOO_BIG.  The connection goes on in every case.
+* The handler is awaited in the connection's own task, during option
+  haggling: a slow one (reading a disk for digests) delays only its
+  connection.
+* ``handshake_timeout`` does not run while the handler runs (that time is
+  ours, not the client's), and a connection whose call has once succeeded
+  is exempt from it for good: it is a control connection, open for the
+  whole pairing; keepalive (``tune_socket``) notices a dead peer instead.
+* No export is entered, so ``max_clients_per_export`` and ``admit`` do not
+  apply; ``set_accepting(False)`` answers NBD_REP_ERR_SHUTDOWN as for any
+  option, and ``close_all`` closes control connections too.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
@@ -70,10 +100,12 @@ from replfs.errors import BlockError
 from replfs.nbd import proto as P
 from replfs.nbd._events import ClientFlags, ExportInfo, ExportList, Greeting, OptAck, OptionError  # handshake
 from replfs.nbd._events import OptAbort, OptExportName, OptGo, OptInfo, OptInvalid, OptList, OptUnknown  # options
+from replfs.nbd._events import OptPrivate, PrivateReply  # replfs's private extension
 from replfs.nbd._events import BadRequest, ConnectionClosed, Disconnect, Reply, Request  # transmission
 from replfs.nbd._sockio import FastSocket, RequestStats, tune_socket
 from replfs.nbd.connection import NEED_DATA, PAUSED, ServerConnection
-from replfs.nbd.errors import RemoteProtocolError
+from replfs.nbd.control import decode_message, encode_message, fit_message
+from replfs.nbd.errors import ControlRefused, RemoteProtocolError
 
 log = logging.getLogger("replfs.nbd")
 
@@ -82,6 +114,8 @@ __all__ = ["NBDServer"]
 ExportsArg = Mapping[str, BlockNode] | Callable[[str], "BlockNode | None"]
 #: ``admit(export_name, clients_now)``: None admits, a string refuses.
 AdmitHook = Callable[[str, int], "str | None"]
+#: ``await control(request, peer)``: the answer, or raise ControlRefused.
+ControlHook = Callable[[dict, tuple], Awaitable[dict]]
 
 _READ = P.NBD_CMD_READ
 _WRITE = P.NBD_CMD_WRITE
@@ -106,6 +140,8 @@ class NBDServer:
     transmission (see the module's design note).
     ``on_clients_changed(export_name, count)`` is called (synchronously)
     whenever the number of clients in transmission on an export changes.
+    ``control(request, peer)`` answers the control channel (see the design
+    note; None: NBD_OPT_X_REPLFS is an unknown option here).
     """
 
     def __init__(
@@ -119,6 +155,7 @@ class NBDServer:
         inline_max: int = 1024 * 1024 + 4096,
         max_inflight: int = 64,
         handshake_timeout: float = 30.0,
+        control: ControlHook | None = None,
     ):
         self._exports = exports
         self.read_only = read_only
@@ -128,6 +165,7 @@ class NBDServer:
         self.inline_max = inline_max
         self.max_inflight = max_inflight
         self.handshake_timeout = handshake_timeout
+        self.control = control
         self._accepting = True
         self._conns: set[_Conn] = set()
         self._clients: dict[str, int] = {}
@@ -136,6 +174,8 @@ class NBDServer:
         self.stats = RequestStats()
         self.connections_total = 0
         self.protocol_errors = 0
+        self.control_calls = 0
+        self.control_errors = 0
 
     # -- public API ----------------------------------------------------------------
     async def serve(self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED):
@@ -202,6 +242,9 @@ class NBDServer:
             **self.stats.as_dict(),
             "protocol_errors": self.protocol_errors,
             "in_flight": sum(c.core.in_flight for c in self._conns),
+            "control_connections": sum(c.controlling for c in self._conns),
+            "control_calls": self.control_calls,
+            "control_errors": self.control_errors,
         }
 
     # -- helpers used by connections -------------------------------------------------
@@ -260,6 +303,36 @@ class NBDServer:
             (P.MIN_BLOCK_SIZE, P.PREFERRED_BLOCK_SIZE, P.MAX_BLOCK_SIZE),
         )
 
+    async def _answer_control(self, conn: _Conn, ev: OptPrivate):
+        """The event answering one control call (``NBD_OPT_X_REPLFS``)."""
+        answer = await self._call_control(conn, ev.payload)
+        if type(answer) is OptionError:
+            self.control_errors += 1
+        else:
+            self.control_calls += 1
+        return answer
+
+    async def _call_control(self, conn: _Conn, payload: bytes):
+        if not self._accepting:
+            return OptionError(P.NBD_REP_ERR_SHUTDOWN, "server is shutting down")
+        try:
+            request = decode_message(payload)
+        except ValueError as exc:
+            return OptionError(P.NBD_REP_ERR_INVALID, fit_message(f"control request: {exc}"))
+        try:
+            answer = encode_message(await self.control(request, conn.address))
+        except ControlRefused as exc:
+            return OptionError(exc.code, fit_message(exc.message))
+        except Exception:
+            log.exception("nbd: %s: control handler failed on %.200r", conn.peer, request)
+            return OptionError(P.NBD_REP_ERR_INVALID, "internal error")
+        if len(answer) > P.MAX_CONTROL_PAYLOAD:
+            log.error("nbd: %s: control answer of %d bytes is over the limit", conn.peer, len(answer))
+            return OptionError(
+                P.NBD_REP_ERR_TOO_BIG, f"control answer of {len(answer)} bytes exceeds {P.MAX_CONTROL_PAYLOAD}"
+            )
+        return PrivateReply(answer)
+
     def _refusal(self, name: str) -> str | None:
         """Why a client may not enter transmission on ``name`` now, or None."""
         count = self._clients.get(name, 0)
@@ -293,8 +366,13 @@ class _Conn:
     def __init__(self, server: NBDServer, sock, peer):
         self.server = server
         self.sock = sock
+        #: The client's address as accept() gave it (for the control hook).
+        self.address = peer
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.core = ServerConnection()
+        self.core = ServerConnection(control=server.control is not None)
+        #: A control call has succeeded: exempt from handshake_timeout.
+        self.controlling = False
+        self.handshake_scope: trio.CancelScope | None = None
         self.node: BlockNode | None = None
         self.export_name: str | None = None
         self.finished = trio.Event()
@@ -351,7 +429,7 @@ class _Conn:
 
     async def negotiate(self) -> bool:
         """The handshake within ``handshake_timeout``; True once in transmission."""
-        with trio.move_on_after(self.server.handshake_timeout):
+        with trio.move_on_after(self.server.handshake_timeout) as self.handshake_scope:
             return await self.handshake()
         log.info("nbd: %s: handshake timed out", self.peer)
         return False
@@ -419,6 +497,9 @@ class _Conn:
                 return False
             if ev is PAUSED:  # pragma: no cover - we always answer at once
                 raise AssertionError("unanswered option")
+            if t is OptPrivate:
+                await self.sock.send_buffers(core.send_parts(await self.control_call(ev)))
+                continue
             if t not in (OptGo, OptInfo, OptExportName, OptList, OptAbort, OptUnknown, OptInvalid):
                 raise AssertionError(f"unexpected handshake event {ev!r}")
             answer = self.server._answer_option(self, ev)
@@ -431,6 +512,21 @@ class _Conn:
                 if t is OptExportName and type(answer) is OptionError:
                     log.info("nbd: %s: refused %r: %s", self.peer, ev.name, answer.message)
                 return False
+
+    async def control_call(self, ev: OptPrivate):
+        """Answer one control call; the handshake timeout is off while the
+        handler runs, and for good once a call has succeeded."""
+        scope = self.handshake_scope
+        deadline = scope.deadline
+        scope.deadline = math.inf
+        answer = await self.server._answer_control(self, ev)
+        if type(answer) is PrivateReply:
+            if not self.controlling:
+                self.controlling = True
+                log.info("nbd: %s: control connection", self.peer)
+        else:
+            scope.deadline = deadline
+        return answer
 
     # -- transmission ------------------------------------------------------------------
     async def transmission(self) -> None:

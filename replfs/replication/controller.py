@@ -57,14 +57,18 @@ class Controller(abc.ABC):
         return self.stage.value
 
     def verdict(self, op: Op) -> Verdict:
-        return verdict(self.role, self.stage, op)
+        return verdict(self.role, self.stage, op, self.peer_connected)
 
     def admit(self, op: Op) -> bool:
         """Raise the table's refusal for ``op``; False if it is a no-op."""
         v = self.verdict(op)
         if not v.allowed:
-            raise BlockError(v.errno, v.message(op, self.stage))
+            raise BlockError(v.errno, v.message(op, self.stage, left=self.sync_left()))
         return not v.noop
+
+    def sync_left(self) -> int | str:
+        """Bytes a running resync has left (for a refusal's reason)."""
+        return "?"
 
     def enter(self, stage: ReplicationStage) -> None:
         """Change the stage (a legal transition only), then configure the graph."""
@@ -103,14 +107,15 @@ class Controller(abc.ABC):
     async def shutdown(self) -> None:
         """On unmount: flush, disconnect, close the graph."""
 
-    def actions(self) -> dict[str, Callable[[], Awaitable[None]]]:
+    def actions(self) -> dict[str, Callable[..., Awaitable[None]]]:
+        """The actions by name (the control files and commands run these)."""
         return {"checkpoint": self.checkpoint, "failover": self.failover, "stop": self.stop}
 
-    async def run_action(self, name: str) -> None:
+    async def run_action(self, name: str, *args) -> None:
         """Run one action; a failure is recorded in ``last_error`` and re-raised."""
         action = self.actions()[name]
         try:
-            await action()
+            await action(*args)
         except BlockError as exc:
             self.record_error(str(exc))
             raise

@@ -1,36 +1,98 @@
-"""The primary host's controller: the degrade policy, the watchdog, the actions.
+"""The primary host's controller: the pair's state, and how it heals itself.
 
 Design note
 -----------
 The primary's disks are :class:`~replfs.block.mirror.Mirror` nodes (the
-write path, QEMU's quorum + ``replication mode=primary``).  This controller
-holds the pair's state for the whole mount:
+write path, QEMU's quorum + ``replication mode=primary``), each with a dirty
+record and an activity log (:mod:`replfs.block.dirty`) kept in the image's
+metadata file (:mod:`replfs.replication.persist`).  This controller holds
+the pair's state for the whole mount:
 
 * a failure of the secondary on any disk (``peer_failed``, the mirrors'
-  ``on_peer_error`` hook) is recorded in ``last_error`` and moves the stage
-  from "replicating" to "degraded".  Entering a stage in which the table
-  refuses ``REPLICATE`` cuts the peer edge of *every* disk and aborts those
-  connections at once, so the secondary never holds a mix of epochs and a
-  stalled secondary that wakes up later receives nothing more;
-* :meth:`watchdog` gives up on a secondary that has not answered a request
-  within ``timeout`` seconds;
-* checkpoint is a flush barrier on both sides; failover drops the secondary
-  on purpose; stop flushes both sides and disconnects cleanly (NBD DISC).
+  ``on_peer_error`` hook; or the watchdog: no answer within ``timeout``) is
+  recorded in ``last_error`` and moves the stage to "degraded".  Entering a
+  stage in which the table refuses ``REPLICATE`` cuts the peer edge of
+  *every* disk, aborts the session at once (so a stalled secondary that wakes
+  up later receives nothing more), stops a running resync, and starts a new
+  data generation (persisted; DRBD does the same, so that a secondary that
+  failed over meanwhile is seen as a split brain).  From then on every write
+  marks the dirty record;
+* while "degraded" (and not after ``disconnect``) a reconnect loop retries
+  with backoff, 0.5 s doubling up to ``reconnect_interval``; a failed attempt
+  goes to ``reconnect_error``, never over ``last_error``;
+* a session (:class:`Session`: one NBD client per disk plus the control
+  channel) is *established*: both sides' generations are compared
+  (:func:`~replfs.replication.persist.decide`), a split brain is refused on
+  both sides, and otherwise the peers are attached and the stage is
+  "syncing" while :func:`replfs.jobs.resync.resync` copies the dirty record
+  (all of it for a full sync) with the VM's writes mirrored meanwhile;
+  when it is done the two sides share a generation again, the stage is
+  "replicating" and ``last_error`` is cleared;
+* against a plain NBD secondary (no control channel) the generation check
+  is skipped (``generation_check`` says so) and the dirty record is resynced
+  by copying;
+* checkpoint is a flush barrier on both sides (refused while syncing);
+  failover drops the secondary on purpose; stop flushes both sides and
+  disconnects cleanly (NBD DISC); connect, disconnect and resync are the
+  operator's handles on the above.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
 from replfs.block.base import BlockNode
 from replfs.block.mirror import Mirror
-from replfs.errors import BlockError
+from replfs.core.digest import decode
+from replfs.errors import BlockError, PeerMismatch, PeerUnavailable, ReplfsError
+from replfs.jobs.resync import SyncProgress, resync
+from replfs.nbd.errors import ControlRefused, ControlUnsupported
 from replfs.replication.controller import Controller
+from replfs.replication.persist import DiskState, decide
 from replfs.replication.stage import Op, ReplicationStage, Role
 
 log = logging.getLogger("replfs.primary")
+
+R, Y, D, F, S = (ReplicationStage.REPLICATING, ReplicationStage.SYNCING,
+                 ReplicationStage.DEGRADED, ReplicationStage.FAILED_OVER,
+                 ReplicationStage.STOPPED)
+
+RECONNECT_FIRST = 0.5
+
+
+class Control(Protocol):
+    failure: Exception | None
+
+    async def call(self, request: dict) -> dict: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+class Session(Protocol):
+    """A connection to a secondary: the control channel (None for a plain NBD
+    server), then - once the handshake agreed - a peer node per disk."""
+
+    target: str
+    control: Control | None
+
+    async def open_peers(self) -> dict[str, BlockNode]: ...
+
+    def abort(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+#: ``connector(target, nursery) -> Session``; raises ReplfsError when it cannot.
+Connector = Callable[[str, trio.Nursery], Awaitable[Session]]
+
+
+class SplitBrain(PeerMismatch):
+    """The two images both took writes the other lacks: refused."""
 
 
 class PrimaryController(Controller):
@@ -38,37 +100,66 @@ class PrimaryController(Controller):
 
     role = Role.PRIMARY
 
-    def __init__(self, secondary: str, timeout: float) -> None:
+    def __init__(self, secondary: str, timeout: float, *, connector: Connector | None = None,
+                 reconnect_interval: float = 5.0, resync_rate: float | None = None) -> None:
         super().__init__()
         self.secondary = secondary
         self.timeout = timeout
+        self.connector = connector
+        self.reconnect_interval = reconnect_interval
+        self.resync_rate = resync_rate
         self.disks: dict[str, Mirror] = {}
         self.images: dict[str, str] = {}
+        self.states: dict[str, DiskState] = {}
+        self.session: Session | None = None
+        self.want_connected = True
+        self.reconnect_error: str | None = None
+        self.generation_check: str | None = None
+        self.sync: SyncProgress | None = None
+        self._nursery: trio.Nursery | None = None
+        self._resync_scope: trio.CancelScope | None = None
+        self._wake = trio.Event()
 
-    def attach(self, disks: dict[str, Mirror], images: dict[str, str]) -> None:
+    def attach(self, disks: dict[str, Mirror], images: dict[str, str],
+               states: dict[str, DiskState] | None = None) -> None:
         self.disks = disks
         self.images = images
+        self.states = states or {}
 
     @property
     def peer_connected(self) -> bool:
         return any(d.peer is not None for d in self.disks.values())
 
-    # -- stage ------------------------------------------------------------------
-    def _configure(self, stage: ReplicationStage) -> None:
-        if not self.verdict(Op.REPLICATE).allowed:
-            for d in self.disks.values():
-                peer = d.drop_peer()
-                if peer is not None:
-                    peer.abort()
+    @property
+    def reconnect(self) -> str | None:
+        """"retrying" while degraded, "off" after disconnect, else None."""
+        if not self.want_connected:
+            return "off"
+        return "retrying" if self.stage is D and self.connector is not None else None
 
-    def peer_failed(self, disk: Mirror, reason: str) -> None:
-        """One disk's secondary failed: the pair is no longer a pair."""
-        self.record_error(f"disk {disk.name}: {reason}")
-        log.error("continuing without the secondary")
-        if self.stage is ReplicationStage.REPLICATING:
-            self.enter(ReplicationStage.DEGRADED)
-        else:
-            self._configure(self.stage)
+    def start_degraded(self, reason: str) -> None:
+        """Start without a secondary (``--allow-degraded-start``): every write
+        is recorded from the first one, in a new generation; the reconnect
+        loop looks for the secondary.  Call it once ``run()`` has started."""
+        self.stage = D
+        self.record_error(reason)
+        self._nursery.start_soon(self._diverged)
+        self._poke()
+
+    # -- the background: watchdog, reconnects, follow-ups ---------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The background tasks, until :meth:`shutdown` (or cancelled)."""
+        self._stopped = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self.watchdog)
+                if self.connector is not None:
+                    nursery.start_soon(self._reconnect_loop)
+                task_status.started()
+        finally:
+            self._nursery = None
+            self._stopped.set()
 
     async def watchdog(self) -> None:
         """Give up on the secondary once a request has waited ``timeout``.
@@ -86,7 +177,231 @@ class PrimaryController(Controller):
                         d, f"the secondary did not answer within {self.timeout:g} s")
                     break
 
-    # -- actions ------------------------------------------------------------------
+    async def _reconnect_loop(self) -> None:
+        delay = RECONNECT_FIRST
+        while True:
+            if not (self.stage is D and self.want_connected):
+                self._wake = trio.Event()
+                await self._wake.wait()
+                delay = RECONNECT_FIRST
+                continue
+            try:
+                await self._connect_now()
+                delay = RECONNECT_FIRST
+            except SplitBrain:
+                self.want_connected = False  # no retries: the operator decides
+            except (ReplfsError, BlockError, OSError) as exc:
+                self.reconnect_error = str(exc)
+                log.info("reconnect to %s failed: %s (next try in %.1f s)",
+                         self.secondary, exc, min(delay, self.reconnect_interval))
+                with trio.move_on_after(min(delay, self.reconnect_interval)):
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                delay = min(delay * 2, self.reconnect_interval)
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    async def connect_at_start(self) -> None:
+        """The first connection, before the mount goes live: the secondary
+        must be reachable (``PeerUnavailable`` otherwise) and agree."""
+        await self._connect_now()
+
+    async def _connect_now(self) -> None:
+        if self.connector is None or self._nursery is None:
+            raise BlockError(errno.ENOTCONN, "connect: this primary cannot connect by itself")
+        try:
+            with trio.fail_after(max(self.timeout, 1.0) * 4):
+                session = await self.connector(self.secondary, self._nursery)
+                await self.establish(session)
+        except trio.TooSlowError:
+            raise PeerUnavailable(f"the secondary {self.secondary} did not answer in "
+                                  f"time") from None
+
+    # -- a session ------------------------------------------------------------------
+    async def establish(self, session: Session) -> None:
+        """Compare generations, attach the peers, resync what differs."""
+        try:
+            decisions = await self._handshake(session)
+        except BaseException:
+            session.abort()
+            raise
+        control = session.control
+        for name, st in self.states.items():
+            dec = decisions.get(name)
+            if st.header.current == 0:
+                await st.new_generation()
+            if dec is not None and dec.action == "full":
+                st.record.mark_all()
+            log.info("disk %s: %s", name, dec.reason if dec else "plain NBD secondary: "
+                     "its dirty record is resynced")
+        try:
+            peers = await session.open_peers()
+        except BaseException:
+            session.abort()
+            raise
+        for name, d in self.disks.items():
+            d.attach_peer(peers[name])
+        self.session = session
+        self.enter(Y)
+        self.reconnect_error = None
+        if control is not None:
+            self._nursery.start_soon(self._watch, session)
+        if self._total_out_of_sync() == 0:
+            await self._sync_done(session)
+            return
+        if control is not None:
+            await control.call({"op": "sync-start", "total_bytes": self._total_out_of_sync()})
+        self._nursery.start_soon(self._resync, session)
+
+    async def _handshake(self, session: Session) -> dict:
+        control = session.control
+        if control is None:
+            self.generation_check = "skipped: the secondary speaks plain NBD (no replfs metadata)"
+            return {}
+        try:
+            reply = await control.call({"op": "hello", "disks": {
+                n: st.describe() for n, st in self.states.items()}})
+        except ControlUnsupported:  # a plain NBD server: no generations to compare
+            control.abort()
+            session.control = None
+            return await self._handshake(session)
+        except ControlRefused as exc:  # e.g. a failed-over secondary: split brain
+            text = f"the secondary refused: {exc.message}"
+            if "split brain" in text:
+                self.record_error(text)
+                raise SplitBrain(text) from None
+            raise ReplfsError(text) from None
+        peer_disks = reply["disks"]
+        missing = [n for n in self.states if n not in peer_disks]
+        if missing:
+            raise PeerMismatch(f"the secondary {self.secondary} has no disk named "
+                               f"{', '.join(missing)} (it has: {', '.join(peer_disks)})")
+        decisions = {n: decide(n, st.describe(), peer_disks[n]) for n, st in self.states.items()}
+        split = [d.reason for d in decisions.values() if d.action == "split-brain"]
+        if split:
+            line = (f"{'; '.join(split)}: refused, nothing written; keep the side whose data "
+                    f"is wanted and start the other afresh from a copy of it")
+            try:
+                await control.call({"op": "refuse", "reason": line})
+            except (ReplfsError, BlockError):
+                pass
+            self.record_error(line)
+            raise SplitBrain(line)
+        self.generation_check = "ok"
+        for name, dec in decisions.items():
+            if peer_disks[name].get("crashed") and dec.action == "record":
+                st = self.states[name]  # its page cache may have lost recent writes
+                st.record.suspect_extents(list(st.al.hot))
+        return decisions
+
+    async def _watch(self, session: Session) -> None:
+        """Fresh health while idle: the control connection ending (the
+        secondary died, its host vanished: keepalive) fails the session at
+        once, not at the next write."""
+        await session.control.wait_closed()
+        if self.session is session:
+            d = next(iter(self.disks.values()))
+            why = session.control.failure or "closed"
+            self.peer_failed(d, f"the secondary's control connection ended: {why}")
+
+    def _total_out_of_sync(self) -> int:
+        return sum(st.record.out_of_sync_bytes for st in self.states.values()
+                   if st.record is not None)
+
+    async def _resync(self, session: Session) -> None:
+        progress = self.sync = SyncProgress()
+        with trio.CancelScope() as scope:
+            self._resync_scope = scope
+            try:
+                await resync([(n, self.disks[n], st.record) for n, st in self.states.items()],
+                             digests=self._digests(session), rate=self.resync_rate,
+                             progress=progress)
+                if self.session is session:
+                    await self._sync_done(session)
+            except Exception as exc:  # the peer failed (or a bug): never the daemon
+                if not isinstance(exc, (BlockError, ReplfsError)):
+                    log.error("resync: unexpected error", exc_info=exc)
+                if self.session is session:
+                    d = next(iter(self.disks.values()))
+                    self.peer_failed(d, f"resync failed: {exc}")
+            finally:
+                self._resync_scope = None
+
+    def _digests(self, session: Session):
+        control = session.control
+        if control is None:
+            return None
+
+        async def digests(disk: str, offset: int, length: int) -> list[int]:
+            reply = await control.call({"op": "digests", "disk": disk, "offset": offset,
+                                        "length": length})
+            return decode(reply["digests"])
+
+        return digests
+
+    async def _sync_done(self, session: Session) -> None:
+        """Both sides hold the same data: one generation again."""
+        gens = {}
+        for name, st in self.states.items():
+            await st.persist_bits()
+            gens[name] = st.header.current
+        if session.control is not None:
+            await session.control.call({"op": "sync-done", "generations": gens})
+        for st in self.states.values():
+            if st.header.bitmap_gen or st.fresh:
+                await st.update(bitmap_gen=0)
+                st.fresh = False
+        self.sync = None
+        self.enter(R)
+        self.last_error = None
+        log.info("in sync with the secondary %s: replicating", self.secondary)
+
+    # -- stage ------------------------------------------------------------------------
+    def _configure(self, stage: ReplicationStage) -> None:
+        if self.verdict(Op.REPLICATE).allowed:
+            return
+        for d in self.disks.values():
+            peer = d.drop_peer()
+            if peer is not None:
+                peer.abort()
+        if self._resync_scope is not None:
+            self._resync_scope.cancel()
+        self.sync = None
+        session, self.session = self.session, None
+        if session is not None:
+            session.abort()
+        if stage in (D, F) and self._nursery is not None:
+            self._nursery.start_soon(self._diverged)
+        self._poke()
+
+    async def _diverged(self) -> None:
+        """This image goes on without the secondary: a new generation, and
+        the record on disk."""
+        for name, st in self.states.items():
+            try:
+                await st.new_generation()
+                await st.persist_bits()
+            except (OSError, ReplfsError) as exc:
+                log.error("disk %s: cannot update the metadata: %s", name, exc)
+
+    def peer_failed(self, disk: Mirror, reason: str) -> None:
+        """One disk's secondary failed: the pair is no longer a pair."""
+        if self.stage in (R, Y):
+            self.record_error(f"disk {disk.name}: {reason}")
+            log.error("continuing without the secondary")
+            self.enter(D)
+        else:
+            self._configure(self.stage)
+
+    # -- actions ------------------------------------------------------------------------
+    def actions(self):
+        return {**super().actions(), "connect": self.connect,
+                "disconnect": self.disconnect, "resync": self.resync}
+
+    def sync_left(self) -> int:
+        return self._total_out_of_sync()
+
     async def checkpoint(self) -> None:
         """A flush barrier on both sides."""
         if not self.admit(Op.CHECKPOINT):
@@ -95,6 +410,8 @@ class PrimaryController(Controller):
             await d.flush()
         self.admit(Op.CHECKPOINT)  # the secondary may have failed meanwhile
         self.checkpoints += 1
+        for st in self.states.values():
+            await st.update(checkpoint=st.header.checkpoint + 1)
 
     async def failover(self) -> None:
         """Drop the secondary on purpose; the primary runs alone from now on."""
@@ -103,40 +420,109 @@ class PrimaryController(Controller):
         for d in self.disks.values():
             await d.local.flush()
         await self._disconnect()
-        self.enter(ReplicationStage.FAILED_OVER)
+        self.enter(F)
         log.info("failover: the secondary is dropped; running alone")
 
     async def stop(self) -> None:
         """Orderly end of replication: flush both sides, disconnect."""
         if not self.admit(Op.STOP):
             return
-        if self.stage is ReplicationStage.REPLICATING:
+        if self.stage is R:
             for d in self.disks.values():
                 await d.flush()
         await self._disconnect()
-        self.enter(ReplicationStage.STOPPED)
+        self.enter(S)
+
+    async def connect(self, target: str | None = None) -> None:
+        """Connect to the secondary now (``target``: another one)."""
+        if target:
+            self.secondary = target
+        self.want_connected = True
+        if not self.admit(Op.CONNECT):
+            return
+        try:
+            await self._connect_now()
+        except (ReplfsError, BlockError, OSError) as exc:
+            self.reconnect_error = str(exc)
+            self._poke()
+            raise BlockError(getattr(exc, "errno", None) or errno.ECONNREFUSED,
+                             f"connect: {exc}") from None
+
+    async def disconnect(self) -> None:
+        """Drop the secondary on purpose; no retries until ``connect``."""
+        self.want_connected = False
+        if not self.admit(Op.DISCONNECT):
+            return
+        await self._disconnect()
+        if self.stage in (R, Y):
+            self.enter(D)
+        log.info("disconnected from the secondary on request; no retries until connect")
+
+    async def resync(self, full: bool = False) -> None:
+        """Resync now; ``full``: every cluster, whatever the record says."""
+        if not self.admit(Op.RESYNC):
+            return
+        session = self.session
+        if session is None:
+            raise BlockError(errno.ENOTCONN, "resync: no secondary")
+        if full:
+            for st in self.states.values():
+                st.record.mark_all()
+        if self._resync_scope is not None:
+            self._resync_scope.cancel()
+            await trio.sleep(0)
+        if self.stage is R:
+            self.enter(Y)
+        if session.control is not None:
+            await session.control.call({"op": "sync-start",
+                                        "total_bytes": self._total_out_of_sync()})
+        self._nursery.start_soon(self._resync, session)
 
     async def _disconnect(self) -> None:
+        if self._resync_scope is not None:
+            self._resync_scope.cancel()
         for d in self.disks.values():
             peer = d.drop_peer()
             if peer is not None:
                 await close_within(peer, self.timeout)
+        session, self.session = self.session, None
+        if session is not None:
+            with trio.move_on_after(self.timeout):
+                await session.aclose()
+            session.abort()
 
     async def shutdown(self) -> None:
-        """On unmount: flush the images, disconnect cleanly."""
+        """On unmount: stop the background, flush the images, disconnect
+        cleanly, record on disk."""
+        self.want_connected = False
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        if hasattr(self, "_stopped"):
+            await self._stopped.wait()
         for d in self.disks.values():
             try:
                 await d.flush()
             except BlockError as exc:
                 log.error("disk %s: flush at exit failed: %s", d.name, exc)
         await self._disconnect()
+        for name, st in self.states.items():
+            try:
+                await st.close_clean()
+            except (OSError, ReplfsError) as exc:
+                log.error("disk %s: metadata at exit: %s", name, exc)
 
     def status(self) -> dict:
+        now = trio.current_time() if self._nursery is not None else 0.0
         return {
             **super().status(),
             "secondary": self.secondary,
+            "reconnect": self.reconnect,
+            "reconnect_error": self.reconnect_error,
+            "generation_check": self.generation_check,
+            "sync": self.sync.status(now) if self.sync is not None else None,
             "disks": {
-                name: {"size": d.size, "image": self.images[name], **d.statistics()}
+                name: {"size": d.size, "image": self.images[name], **d.statistics(),
+                       **(self.states[name].status() if name in self.states else {})}
                 for name, d in self.disks.items()
             },
         }
@@ -156,4 +542,3 @@ async def close_within(peer: BlockNode, timeout: float) -> None:
         except BlockError:
             pass
         nursery.cancel_scope.cancel()
-

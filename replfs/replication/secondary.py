@@ -1,4 +1,5 @@
-"""The secondary host's controller: checkpoint, failover and stop over its graph.
+"""The secondary host's controller: checkpoint, failover and stop over its
+graph, the pair's control channel, and what survives a restart.
 
 Design note
 -----------
@@ -9,31 +10,62 @@ that snapshot.  This controller decides what the graph accepts, from the
 stage table (``replication/stage.py``), as ``replication.c`` does with its
 stage enum:
 
-* while "replicating" the export takes the primary's writes, and the NBD
-  server admits one primary (:meth:`admit_primary`);
-* "failed-over" and "stopped" make the exports refuse writes with
-  ``ESHUTDOWN`` and the server refuse a primary with the table's reason;
+* while "replicating", "syncing" or "inconsistent" the export takes the
+  primary's writes (a resync's too), and the NBD server admits one primary
+  (:meth:`admit_primary`); "failed-over" and "stopped" make the exports
+  refuse writes with ``ESHUTDOWN`` and the server refuse a primary with the
+  table's reason;
 * every action holds the mount's one gate, so it is atomic for all disks
   with respect to both kinds of I/O.
 
+What a restart must not lose, each image's metadata file keeps
+(:mod:`replfs.replication.persist`), written before it takes effect:
+
+* **the epoch**: before the first of the primary's writes after a
+  checkpoint lands, ``epoch_dirty`` is persisted (the hidden overlay, the
+  only way back to the checkpoint, lives in memory).  A secondary that
+  restarts with a dirty epoch cannot give the checkpoint back: it is
+  "inconsistent", ``failover_ready`` is false and failover is refused
+  (``--force`` takes the disk as it is) until a resync from the primary and
+  the next checkpoint have run;
+* **the failover**: a new generation and ``failover: committing`` are
+  persisted, with the overlays made durable and their bits saved beside them,
+  before the commit writes the disk; ``failover: done`` after.  A restart in
+  the middle resumes the commit from the saved overlays; a restart after it
+  serves the view on the disk and still refuses the old primary;
+* **generations**: the control channel's ``hello`` gives them to the
+  primary, which decides (a resync, or a split brain refused on both sides),
+  and ``sync-done`` makes this image take the primary's generation.
+
 Failover configures the graph for "failed-over" (writes refused) *before*
 its commits and enters the stage only once every disk is committed: a commit
-that fails leaves the stage "replicating" with writes refused, and the
-action can simply be run again (commits are idempotent).
+that fails leaves the stage as it was with writes refused, and the action can
+simply be run again (commits are idempotent).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 
 from replfs.block.gated import GatedNode
 from replfs.block.graph import SecondaryGraph
+from replfs.core.digest import cluster_digests, encode
 from replfs.errors import BlockError
+from replfs.nbd import proto as P
+from replfs.nbd.errors import ControlRefused
 from replfs.replication.controller import Controller
+from replfs.replication.persist import DiskState, gen
 from replfs.replication.stage import Op, ReplicationStage, Role, verdict
 
 log = logging.getLogger("replfs.secondary")
+
+R, Y, I, F, S = (ReplicationStage.REPLICATING, ReplicationStage.SYNCING,
+                 ReplicationStage.INCONSISTENT, ReplicationStage.FAILED_OVER,
+                 ReplicationStage.STOPPED)
+
+MAX_DIGEST_RANGE = 256 * 1024 * 1024
 
 
 class SecondaryController(Controller):
@@ -44,14 +76,18 @@ class SecondaryController(Controller):
     def __init__(self) -> None:
         super().__init__()
         self.graph: SecondaryGraph | None = None
+        self.states: dict[str, DiskState] = {}
         self.listen: str | None = None
         self.server = None
+        self.failover_ready = True
+        self.sync: dict | None = None
         self._clients: dict[str, int] = {}  # export -> primaries connected
         #: Called after the view's content changed under open files.
         self.on_view_changed: Callable[[], Awaitable[None]] | None = None
 
-    def attach(self, graph: SecondaryGraph) -> None:
+    def attach(self, graph: SecondaryGraph, states: dict[str, DiskState] | None = None) -> None:
         self.graph = graph
+        self.states = states or {}
 
     @property
     def disks(self) -> dict:
@@ -61,11 +97,55 @@ class SecondaryController(Controller):
     def peer_connected(self) -> bool:
         return any(self._clients.values())
 
+    # -- start-up: what the last run left ----------------------------------------------
+    @staticmethod
+    def resume_of(states: dict[str, DiskState], workdir: str) -> dict:
+        """Saved overlays of an interrupted failover, by disk (graph's ``resume``)."""
+        from replfs.block.graph import SecondaryDisk
+
+        out = {}
+        for name, st in states.items():
+            if st.header.failover == "committing":
+                saved = SecondaryDisk.load_saved(workdir, name)
+                if saved is not None:
+                    out[name] = saved
+        return out
+
+    async def recover(self, resumed: frozenset[str] = frozenset()) -> None:
+        """Before serving: finish or report what the last run left.
+        ``resumed``: disks whose interrupted failover has its overlays back."""
+        states = self.states
+        interrupted = {n for n, st in states.items() if st.header.failover == "committing"}
+        if interrupted - resumed:
+            self.stage, self.failover_ready = I, False
+            self.record_error(
+                f"failover of {', '.join(sorted(interrupted - resumed))} was interrupted "
+                f"and the overlays it needs are gone: the disk is neither the checkpoint "
+                f"nor the primary's; `replfs failover --force` takes it as it is")
+            return
+        if interrupted or any(st.header.failover == "done" for st in states.values()):
+            if interrupted:
+                log.warning("resuming the failover a crash interrupted: %s",
+                            ", ".join(sorted(interrupted)))
+            await self.failover(force=True)
+            return
+        if any(st.header.epoch_dirty for st in states.values()):
+            self.stage, self.failover_ready = I, False
+            log.warning("the primary wrote since the last checkpoint and this daemon "
+                        "restarted: inconsistent until a resync and a checkpoint")
+
     # -- the primary ----------------------------------------------------------------
     def admit_primary(self, export: str, clients_now: int) -> str | None:
         """The NBD server's admission hook: None admits, else the reason."""
         v = self.verdict(Op.PEER_CONNECT)
-        return None if v.allowed else v.message(Op.PEER_CONNECT, self.stage)
+        return None if v.allowed else self._split_brain_text(v.message(Op.PEER_CONNECT,
+                                                                       self.stage))
+
+    def _split_brain_text(self, text: str) -> str:
+        if self.stage is F and self.states:
+            gens = ", ".join(f"{n} {gen(st.header.current)}" for n, st in self.states.items())
+            return f"{text} (its generation: {gens})"
+        return text
 
     def clients_changed(self, export: str, count: int) -> None:
         was = self.peer_connected
@@ -73,11 +153,69 @@ class SecondaryController(Controller):
         now = self.peer_connected
         if was and not now:
             log.warning("the primary disconnected (export %s)", export)
+            if self.stage is Y:  # an unfinished resync: back to what we were
+                self.enter(R if self.failover_ready else I)
+                self.sync = None
         elif now and not was:
             log.info("the primary connected (export %s)", export)
 
     def export_failed(self, node: GatedNode, op: str, exc: BlockError) -> None:
         self.record_error(f"{node.name}: primary's {op} failed: {exc}")
+
+    async def before_first_write(self, name: str) -> None:
+        """The primary's first write of an epoch on disk ``name``: persist
+        that the disk no longer equals the last checkpoint."""
+        st = self.states.get(name)
+        if st is not None and not st.header.epoch_dirty:
+            await st.update(epoch_dirty=True)
+
+    async def control(self, request: dict, peer) -> dict:
+        """The control channel (NBD_OPT_X_REPLFS): one request, one answer."""
+        op = request.get("op")
+        if op == "hello":
+            refusal = self.admit_primary("", 0)
+            if refusal is not None:
+                raise ControlRefused(P.NBD_REP_ERR_POLICY, refusal)
+            return {"disks": {n: st.describe() for n, st in self.states.items()},
+                    "state": self.state}
+        if op == "refuse":
+            self.record_error(f"the primary refused to pair: {request.get('reason')}")
+            return {}
+        if op == "sync-start":
+            if self.stage in (R, I):
+                self.enter(Y)
+            self.sync = {"total_bytes": int(request.get("total_bytes", 0))}
+            return {}
+        if op == "digests":
+            return {"digests": encode(await self._digests(request))}
+        if op == "sync-done":
+            await self._sync_done(request.get("generations", {}))
+            return {}
+        raise ControlRefused(P.NBD_REP_ERR_INVALID, f"unknown control request {op!r}")
+
+    async def _digests(self, request: dict) -> list[int]:
+        d = self.disks.get(request.get("disk"))
+        offset, length = int(request.get("offset", -1)), int(request.get("length", -1))
+        if d is None or offset < 0 or not 0 < length <= MAX_DIGEST_RANGE \
+                or offset + length > d.size:
+            raise ControlRefused(P.NBD_REP_ERR_INVALID, f"bad digest request {request!r}")
+        data = await d.cbw.read(offset, length)  # the disk, consistent with copies
+        return cluster_digests(data, self.states[d.name].header.cluster_size
+                               if d.name in self.states else 65536)
+
+    async def _sync_done(self, generations: dict) -> None:
+        for name, g in generations.items():
+            st = self.states.get(name)
+            if st is not None and st.header.current != g:
+                h = st.header
+                history = ([h.current] if h.current else []) + list(h.history)
+                await st.update(current=int(g), bitmap_gen=0, history=history[:4])
+                st.fresh = False
+        if self.stage in (Y, I):
+            self.enter(R)
+        self.sync = None
+        log.info("in sync with the primary%s", "" if self.failover_ready else
+                 "; failover is refused until the next checkpoint")
 
     # -- stage ----------------------------------------------------------------------
     def _configure(self, stage: ReplicationStage) -> None:
@@ -88,6 +226,9 @@ class SecondaryController(Controller):
             else:
                 d.export.refuse_writes(v.errno, f"{d.name}: {v.message(Op.REPLICATE, stage)}")
 
+    def sync_left(self) -> int | str:
+        return self.sync.get("total_bytes", "?") if self.sync else "?"
+
     # -- actions --------------------------------------------------------------------
     async def checkpoint(self) -> None:
         if not self.admit(Op.CHECKPOINT):
@@ -96,24 +237,45 @@ class SecondaryController(Controller):
             await self._checkpoint_held()
         await self._view_changed()
 
-    async def failover(self) -> None:
+    async def failover(self, force: bool = False) -> None:
         if not self.admit(Op.FAILOVER):
             return
+        if not self.failover_ready and not force:
+            raise BlockError(errno.ENODATA, (
+                f"failover: this secondary cannot give back the last checkpoint (state "
+                f"{self.state}): it restarted after the primary wrote since that checkpoint, "
+                f"and no resync and checkpoint have run since; `replfs failover --force` "
+                f"takes the secondary disk as it is"))
         async with self.graph.gate.exclusive():
-            self._configure(ReplicationStage.FAILED_OVER)
-            for d in self.disks.values():
-                await d.failover()
-            self.enter(ReplicationStage.FAILED_OVER)
+            self._configure(F)
+            for name, d in self.disks.items():
+                st = self.states.get(name)
+                was = st.header.failover if st is not None else ""
+                if st is not None and was == "":
+                    await d.save_overlays()
+                    await st.new_generation(keep_bitmap_gen=False, failover="committing")
+                await d.failover()  # after a restart with "done": just the pivot
+                if st is not None and was != "done":
+                    await st.update(failover="done", epoch_dirty=False)
+                d.drop_saved()
+            self.enter(F)
         await self._disconnect_primary()
         await self._view_changed()
         log.info("failover: the view now runs on the secondary disks")
+
+    def actions(self):
+        return {**super().actions(), "connect": self._primary_only,
+                "disconnect": self._primary_only, "resync": self._primary_only}
+
+    async def _primary_only(self, *args) -> None:
+        self.admit(Op.RESYNC)  # refused: "run it on the primary"
 
     async def stop(self) -> None:
         if not self.admit(Op.STOP):
             return
         async with self.graph.gate.exclusive():
             await self._checkpoint_held()
-            self.enter(ReplicationStage.STOPPED)
+            self.enter(S)
         await self._disconnect_primary()
         await self._view_changed()
 
@@ -122,6 +284,11 @@ class SecondaryController(Controller):
         for d in self.disks.values():
             await d.checkpoint()
         self.checkpoints += 1
+        for name, st in self.states.items():
+            await st.update(epoch_dirty=False, checkpoint=st.header.checkpoint + 1)
+        for d in self.disks.values():
+            d.first_write.arm()
+        self.failover_ready = True
 
     async def _disconnect_primary(self) -> None:
         if self.server is not None:
@@ -140,12 +307,24 @@ class SecondaryController(Controller):
                 await d.disk.flush()
             except BlockError as exc:
                 log.error("disk %s: flush at exit failed: %s", d.name, exc)
-        self.graph.close()
+        keep = frozenset(n for n, st in self.states.items()
+                         if st.header.failover == "committing")
+        for name, st in self.states.items():
+            try:
+                await st.close_clean()
+            except OSError as exc:
+                log.error("disk %s: metadata at exit: %s", name, exc)
+        self.graph.close(keep=keep)
 
     def status(self) -> dict:
         return {
             **super().status(),
             "listen": self.listen,
             "workdir": self.graph.workdir,
-            "disks": {name: d.statistics() for name, d in self.disks.items()},
+            "failover_ready": self.failover_ready,
+            "sync": self.sync,
+            "disks": {name: {**d.statistics(),
+                             **(self.states[name].status() if name in self.states else {})}
+                      for name, d in self.disks.items()},
         }
+

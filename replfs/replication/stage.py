@@ -22,9 +22,11 @@ for the I/O edges *and* the actions, in :data:`TABLE`:
 The stage's value is what the status file shows as ``state``.
 
 Errnos: ``ENOTCONN`` when the action needs a peer that is not there (a
-degraded primary); ``EINVAL`` when the stage itself forbids it (after a
-failover or a stop, on either side); ``ESHUTDOWN`` for the primary's writes
-that a failed-over or stopped secondary no longer takes.
+degraded primary, a secondary with no primary connected: :data:`NEEDS_PEER`);
+``EBUSY`` while a resync runs (a checkpoint asserts that the two disks are
+equal); ``EINVAL`` when the stage itself forbids it (after a failover or a
+stop, on either side); ``ESHUTDOWN`` for the primary's writes that a
+failed-over or stopped secondary no longer takes.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ class Role(enum.Enum):
 
 class ReplicationStage(enum.Enum):
     REPLICATING = "replicating"
-    DEGRADED = "degraded"        # primary only: the secondary failed, running alone
+    SYNCING = "syncing"            # a resync runs: the secondary is being brought level
+    DEGRADED = "degraded"          # primary only: no secondary (it failed, or disconnect)
+    INCONSISTENT = "inconsistent"  # secondary only: restarted without the way back to
+                                   # its last checkpoint; a resync from the primary first
     FAILED_OVER = "failed-over"
     STOPPED = "stopped"
 
@@ -53,6 +58,9 @@ class Op(enum.Enum):
     CHECKPOINT = "checkpoint"
     FAILOVER = "failover"
     STOP = "stop"
+    CONNECT = "connect"            # primary: (re)connect to a secondary now
+    DISCONNECT = "disconnect"      # primary: drop the secondary on purpose, no retries
+    RESYNC = "resync"              # primary: resync (--full: every cluster)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +68,11 @@ class Verdict:
     allowed: bool
     noop: bool = False   # allowed, and there is nothing to do
     errno: int = 0
-    reason: str = ""     # may contain {stage}
+    reason: str = ""     # may contain {stage}, and {left} (bytes a resync has left)
 
-    def message(self, op: Op, stage: ReplicationStage) -> str:
-        return f"{op.value}: {self.reason.format(stage=stage.value)}"
+    def message(self, op: Op, stage: ReplicationStage, **context) -> str:
+        context.setdefault("left", "?")
+        return f"{op.value}: {self.reason.format(stage=stage.value, **context)}"
 
 
 ALLOW = Verdict(True)
@@ -74,45 +83,74 @@ def refuse(err: int, reason: str) -> Verdict:
     return Verdict(False, errno=err, reason=reason)
 
 
-_R, _D, _F, _S = (ReplicationStage.REPLICATING, ReplicationStage.DEGRADED,
-                  ReplicationStage.FAILED_OVER, ReplicationStage.STOPPED)
+_R, _Y, _D, _I, _F, _S = (
+    ReplicationStage.REPLICATING, ReplicationStage.SYNCING, ReplicationStage.DEGRADED,
+    ReplicationStage.INCONSISTENT, ReplicationStage.FAILED_OVER, ReplicationStage.STOPPED)
 _NOT_REPLICATING = "not replicating (state {stage})"
 _NO_PEER = refuse(errno.ENOTCONN, "no secondary: the primary runs alone (state {stage})")
+_RESYNCING = refuse(errno.EBUSY, "resync in progress, {left} bytes left")
+_STOPPED = refuse(errno.EINVAL, "replication is stopped")
+_PRIMARY_ONLY = refuse(errno.EINVAL, "run it on the primary")
 
 #: What each role accepts in each of its stages.
 TABLE: dict[tuple[Role, ReplicationStage], dict[Op, Verdict]] = {
     (Role.PRIMARY, _R): {
         Op.VM_IO: ALLOW, Op.REPLICATE: ALLOW, Op.CHECKPOINT: ALLOW,
         Op.FAILOVER: ALLOW, Op.STOP: ALLOW,
+        Op.CONNECT: NOOP, Op.DISCONNECT: ALLOW, Op.RESYNC: ALLOW,
+    },
+    (Role.PRIMARY, _Y): {
+        Op.VM_IO: ALLOW, Op.REPLICATE: ALLOW, Op.CHECKPOINT: _RESYNCING,
+        Op.FAILOVER: ALLOW, Op.STOP: ALLOW,
+        Op.CONNECT: NOOP, Op.DISCONNECT: ALLOW, Op.RESYNC: ALLOW,
     },
     (Role.PRIMARY, _D): {
         Op.VM_IO: ALLOW, Op.REPLICATE: _NO_PEER,
         Op.CHECKPOINT: refuse(errno.ENOTCONN, _NOT_REPLICATING),
         Op.FAILOVER: ALLOW, Op.STOP: ALLOW,
+        Op.CONNECT: ALLOW, Op.DISCONNECT: ALLOW, Op.RESYNC: _NO_PEER,
     },
     (Role.PRIMARY, _F): {
         Op.VM_IO: ALLOW, Op.REPLICATE: _NO_PEER,
         Op.CHECKPOINT: refuse(errno.EINVAL, _NOT_REPLICATING),
         Op.FAILOVER: NOOP, Op.STOP: ALLOW,
+        Op.CONNECT: ALLOW, Op.DISCONNECT: NOOP, Op.RESYNC: _NO_PEER,
     },
     (Role.PRIMARY, _S): {
         Op.VM_IO: ALLOW, Op.REPLICATE: _NO_PEER,
         Op.CHECKPOINT: refuse(errno.EINVAL, _NOT_REPLICATING),
-        Op.FAILOVER: refuse(errno.EINVAL, "replication is stopped"),
-        Op.STOP: NOOP,
+        Op.FAILOVER: _STOPPED, Op.STOP: NOOP,
+        Op.CONNECT: _STOPPED, Op.DISCONNECT: NOOP, Op.RESYNC: _STOPPED,
     },
     (Role.SECONDARY, _R): {
         Op.VM_IO: ALLOW, Op.REPLICATE: ALLOW, Op.PEER_CONNECT: ALLOW,
         Op.CHECKPOINT: ALLOW, Op.FAILOVER: ALLOW, Op.STOP: ALLOW,
+        Op.RESYNC: _PRIMARY_ONLY,
+    },
+    (Role.SECONDARY, _Y): {
+        Op.VM_IO: ALLOW, Op.REPLICATE: ALLOW, Op.PEER_CONNECT: ALLOW,
+        Op.CHECKPOINT: _RESYNCING, Op.FAILOVER: ALLOW, Op.STOP: _RESYNCING,
+        Op.RESYNC: _PRIMARY_ONLY,
+    },
+    (Role.SECONDARY, _I): {
+        Op.VM_IO: ALLOW, Op.REPLICATE: ALLOW, Op.PEER_CONNECT: ALLOW,
+        Op.CHECKPOINT: refuse(errno.EBUSY, "inconsistent: the secondary needs a resync "
+                                           "from the primary first"),
+        Op.FAILOVER: ALLOW,  # only with --force: the controller checks failover_ready
+        Op.STOP: refuse(errno.EBUSY, "inconsistent: the secondary needs a resync "
+                                     "from the primary first"),
+        Op.RESYNC: _PRIMARY_ONLY,
     },
     (Role.SECONDARY, _F): {
         Op.VM_IO: ALLOW,
         Op.REPLICATE: refuse(errno.ESHUTDOWN, "failed over, replication writes refused"),
         Op.PEER_CONNECT: refuse(errno.ESHUTDOWN,
-                                "this secondary has failed over and takes no primary"),
+                                "split brain: this secondary has failed over and takes "
+                                "no primary"),
         Op.CHECKPOINT: refuse(errno.EINVAL, _NOT_REPLICATING),
         Op.FAILOVER: NOOP,
         Op.STOP: refuse(errno.EINVAL, _NOT_REPLICATING),
+        Op.RESYNC: _PRIMARY_ONLY,
     },
     (Role.SECONDARY, _S): {
         Op.VM_IO: ALLOW,
@@ -122,21 +160,31 @@ TABLE: dict[tuple[Role, ReplicationStage], dict[Op, Verdict]] = {
         Op.CHECKPOINT: refuse(errno.EINVAL, _NOT_REPLICATING),
         Op.FAILOVER: ALLOW,
         Op.STOP: NOOP,
+        Op.RESYNC: _PRIMARY_ONLY,
     },
 }
+
+#: Ops that need the peer connected, whatever the stage (a secondary's
+#: checkpoint asserts that its disk equals a primary's: with no primary
+#: connected that cannot be known, and it would throw away the way back).
+NEEDS_PEER: frozenset[tuple[Role, Op]] = frozenset({(Role.SECONDARY, Op.CHECKPOINT)})
+_NO_PRIMARY = refuse(errno.ENOTCONN, "no primary connected")
 
 #: The stage changes each role may make.
 TRANSITIONS: dict[Role, dict[ReplicationStage, frozenset[ReplicationStage]]] = {
     Role.PRIMARY: {
-        _R: frozenset({_D, _F, _S}),
-        _D: frozenset({_F, _S}),
-        _F: frozenset({_S}),
+        _R: frozenset({_Y, _D, _F, _S}),
+        _Y: frozenset({_R, _D, _F, _S}),
+        _D: frozenset({_Y, _F, _S}),
+        _F: frozenset({_Y, _S}),
         _S: frozenset(),
     },
     Role.SECONDARY: {
-        _R: frozenset({_F, _S}),
-        _S: frozenset({_F}),
+        _R: frozenset({_Y, _F, _S}),
+        _Y: frozenset({_R, _I, _F}),
+        _I: frozenset({_Y, _R, _F}),
         _F: frozenset(),
+        _S: frozenset({_F}),
     },
 }
 
@@ -151,5 +199,9 @@ def ops(role: Role) -> tuple[Op, ...]:
     return tuple(TABLE[(role, ReplicationStage.REPLICATING)])
 
 
-def verdict(role: Role, stage: ReplicationStage, op: Op) -> Verdict:
-    return TABLE[(role, stage)][op]
+def verdict(role: Role, stage: ReplicationStage, op: Op,
+            peer_connected: bool = True) -> Verdict:
+    v = TABLE[(role, stage)][op]
+    if v.allowed and not v.noop and not peer_connected and (role, op) in NEEDS_PEER:
+        return _NO_PRIMARY
+    return v

@@ -73,7 +73,7 @@ def test_unreachable_secondary(img, mnt):
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     fails("primary", mnt, "--secondary", f"127.0.0.1:{port}", "--disk", f"d={img}",
-          status=1, says=["cannot connect", f"127.0.0.1:{port}"])
+          status=75, says=["cannot connect", f"127.0.0.1:{port}"])
     assert not os.path.ismount(mnt)
 
 
@@ -98,10 +98,10 @@ def test_size_mismatch_and_unknown_export(pair, tmp_path):
     m = tmp_path / "pm"
     m.mkdir()
     line = fails("primary", m, "--secondary", listen, "--disk", f"disk0={small}",
-                 status=1, says=["size"])
+                 status=78, says=["size"])
     assert str(MiB) in line and str(2 * MiB) in line
     line = fails("primary", m, "--secondary", listen, "--disk", f"other={small}",
-                 status=1, says=["other"])
+                 status=78, says=["other"])
     assert not os.path.ismount(m)
     # The secondary is unharmed by both attempts.
     assert pair.secondary.status()["state"] == "replicating"

@@ -2,7 +2,10 @@
 
 * our server (serving a RawImage) driven by qemu-io, qemu-img, nbdinfo,
   nbdsh and python3-libnbd;
-* our client against qemu-nbd, ``nbdkit memory`` and ``nbdkit file``.
+* our client against qemu-nbd, ``nbdkit memory`` and ``nbdkit file``;
+* the control channel (NBD_OPT_X_REPLFS, replfs's private extension): real
+  servers answer it "unsupported" and carry on; real clients work beside an
+  open control connection to our server.
 
 Our server's own behaviour with our client (admission, malformed peers,
 fuzzing, shutdown, abort, ordering, error mapping) is in
@@ -25,7 +28,9 @@ import trio
 from replfs.block.raw import RawImage
 from replfs.errors import BlockError
 from replfs.nbd import proto as P
+from replfs.nbd._state import State
 from replfs.nbd.client import ExportRefusedError, connect, open_client
+from replfs.nbd.control import ControlUnsupported, open_control
 from replfs.nbd.server import NBDServer
 from tests.nbdserving import TIMEOUT, trio_run
 
@@ -460,3 +465,53 @@ def test_connect_errors(free_port):
                 n.cancel_scope.cancel()
 
     trio_run(main)
+
+
+# -- the control channel (NBD_OPT_X_REPLFS) and real peers ----------------------------------
+@pytest.mark.parametrize("kind", ["qemu-nbd", "nbdkit-memory"])
+def test_control_against_real_server_is_unsupported(kind, tmp_path, require_tool, external_server):
+    tools, argv, _ = SERVERS[kind]
+    require_tool(*tools)
+    port = external_server(argv(make_image(tmp_path / "disk.img")))
+
+    async def main():
+        ctl = await open_control("127.0.0.1", port)
+        for _ in range(2):  # "unsupported", and the negotiation goes on
+            with pytest.raises(ControlUnsupported) as info:
+                await ctl.call({"op": "hello"})
+            assert info.value.code == P.NBD_REP_ERR_UNSUP
+            assert ctl.connected
+        await ctl.aclose()  # NBD_OPT_ABORT, answered with NBD_REP_ACK
+        assert ctl._core.state is State.CLOSED and ctl.failure.errno == errno.ESHUTDOWN
+        # the server is still fine
+        async with open_client("127.0.0.1", port, "disk") as c:
+            await c.write(0, b"after")
+            assert await c.read(0, 5) == b"after"
+
+    trio_run(main)
+
+
+def test_real_clients_beside_an_open_control_connection(tmp_path, require_tool, tool_env):
+    require_tool("qemu-io", "nbdinfo")
+    img = make_image(tmp_path / "disk.img", MiB)
+
+    async def echo(request, peer):
+        return {"echo": request}
+
+    with ServedImage(img, control=echo, handshake_timeout=1.0) as srv:
+
+        async def main():
+            async with await open_control("127.0.0.1", srv.port) as ctl:
+                assert await ctl.call({"n": 1}) == {"echo": {"n": 1}}
+                r = await trio.run_process(["qemu-io", "-f", "raw", srv.uri, "-c", "write -P 0x5a 0 64k",
+                                            "-c", "read -P 0x5a 0 64k"], capture_stdout=True, env=tool_env)
+                assert b"read 65536/65536" in r.stdout
+                r = await trio.run_process(["nbdinfo", "--json", srv.uri], capture_stdout=True, env=tool_env)
+                assert json.loads(r.stdout)["exports"][0]["export-size"] == MiB
+                await trio.sleep(1.2)  # past the handshake timeout: a control connection stays
+                assert await ctl.call({"n": 2}) == {"echo": {"n": 2}}
+
+        trio_run(main)
+        stats = srv.call(srv.server.statistics)
+        assert stats["protocol_errors"] == 0 and stats["control_calls"] == 2
+    assert Path(img).read_bytes()[: 64 * KiB] == b"\x5a" * (64 * KiB)

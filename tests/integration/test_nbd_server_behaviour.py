@@ -18,7 +18,6 @@ import struct
 import pytest
 import trio
 
-from replfs.block.base import BlockNode
 from replfs.errors import BlockError
 from replfs.nbd import (
     NEED_DATA,
@@ -31,55 +30,11 @@ from replfs.nbd import (
 )
 from replfs.nbd import proto as P
 from replfs.nbd.client import ExportRefusedError, connect
-from tests.nbdserving import TIMEOUT, serving, trio_test
+from tests.nbdserving import TIMEOUT, MemNode, serving, trio_test
 
 pytestmark = pytest.mark.integration
 
 KiB, MiB = 1024, 1024 * 1024
-
-
-class MemNode(BlockNode):
-    """A bytearray disk; optionally slow, failing, or recording its calls."""
-
-    def __init__(self, size: int = 8 * MiB, *, delay: float = 0.0, gated: bool = False, fail=None):
-        self.size = size
-        self.name = "mem"
-        self.data = bytearray(size)
-        self.log: list[tuple] = []
-        #: Writes wait for this event (when there is one).
-        self.gate: trio.Event | None = trio.Event() if gated else None
-        #: Every write takes this long.
-        self.delay = delay
-        #: offset -> errno: a request at that offset fails with it.
-        self.fail: dict[int, int] = fail or {}
-
-    async def _maybe(self, op, off):
-        if off in self.fail:
-            raise BlockError(self.fail[off], f"{self.name}: injected failure at {off}")
-        if self.gate is not None and op == "write":
-            await self.gate.wait()
-        if self.delay and op == "write":
-            await trio.sleep(self.delay)
-
-    async def _read(self, off, n):
-        await self._maybe("read", off)
-        return bytes(self.data[off : off + n])
-
-    async def _write(self, off, data, fua):
-        self.log.append(("write-start", off, len(data)))
-        await self._maybe("write", off)
-        self.data[off : off + len(data)] = data
-        self.log.append(("write-done", off, len(data), fua))
-
-    async def _write_zeroes(self, off, n, fua):
-        await self._maybe("zero", off)
-        self.data[off : off + n] = bytes(n)
-
-    async def _trim(self, off, n):
-        self.data[off : off + n] = bytes(n)
-
-    async def flush(self):
-        self.log.append(("flush",))
 
 
 async def wait_until(cond, timeout: float = 10.0) -> None:

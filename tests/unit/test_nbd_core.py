@@ -19,6 +19,7 @@ from replfs.nbd import LocalProtocolError, ProtocolError, RemoteProtocolError
 from replfs.nbd import ClientFlags, ExportInfo, ExportList, Greeting, OptAck, OptionError  # handshake
 from replfs.nbd import OptAbort, OptExportName, OptGo, OptInfo, OptInvalid, OptList, OptUnknown  # options
 from replfs.nbd import BadRequest, ConnectionClosed, Disconnect, Reply, Request  # transmission
+from replfs.nbd import ControlRefused, ControlUnsupported, OptPrivate, PrivateReply  # control channel
 from replfs.nbd import connection
 from replfs.nbd import proto as P
 from replfs.nbd._state import INITIAL_STATE, SERVER, TRANSITIONS, State, Trigger, next_state
@@ -53,8 +54,8 @@ def feed(conn, data: bytes, step: int | None = None) -> list:
     return out
 
 
-def greet(step=None, server_flags=P.NBD_FLAG_FIXED_NEWSTYLE | P.NBD_FLAG_NO_ZEROES, client_flags=None):
-    s, c = ServerConnection(), ClientConnection()
+def greet(step=None, server_flags=P.NBD_FLAG_FIXED_NEWSTYLE | P.NBD_FLAG_NO_ZEROES, client_flags=None, control=False):
+    s, c = ServerConnection(control=control), ClientConnection()
     assert feed(c, s.send(Greeting(server_flags)), step) == [Greeting(server_flags)]
     if client_flags is None:
         client_flags = P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES
@@ -198,6 +199,8 @@ OPTION_CASES = [
     ("meta-context", raw_option(P.NBD_OPT_SET_META_CONTEXT, b"\0" * 8),
      OptUnknown(P.NBD_OPT_SET_META_CONTEXT, b"\0" * 8)),
     ("unknown-99", raw_option(99, b"xyz"), OptUnknown(99, b"xyz")),
+    # without control=True, replfs's private option is unknown, as on a plain server
+    ("x-replfs-without-control", raw_option(P.NBD_OPT_X_REPLFS, b"{}"), OptUnknown(P.NBD_OPT_X_REPLFS, b"{}")),
     ("list-with-data", raw_option(P.NBD_OPT_LIST, b"x"), OptInvalid(P.NBD_OPT_LIST, "NBD_OPT_LIST must not carry data")),
     ("go-short", raw_option(P.NBD_OPT_GO, b"\0\0"), OptInvalid),
     ("go-name-too-long", raw_option(P.NBD_OPT_GO, go_data(b"ab", namelen=50)), OptInvalid),
@@ -554,9 +557,123 @@ def test_client_eof_after_disc_is_clean():
     assert events(c) == [ConnectionClosed(clean=False)]
 
 
+# -- the control channel: NBD_OPT_X_REPLFS, replfs's private extension --------------------
+def test_private_option_numbers_are_not_the_documents():
+    assert P.NBD_OPT_X_REPLFS == 0x52504C46 == int.from_bytes(b"RPLF", "big")
+    assert P.NBD_REP_X_REPLFS < P.NBD_REP_FLAG_ERROR
+    spec_options = {v for k, v in vars(P).items() if k.startswith("NBD_OPT_") and k != "NBD_OPT_X_REPLFS"}
+    spec_replies = {v for k, v in vars(P).items() if k.startswith("NBD_REP_") and k != "NBD_REP_X_REPLFS"}
+    assert P.NBD_OPT_X_REPLFS not in spec_options and P.NBD_REP_X_REPLFS not in spec_replies
+    assert P.option_name(P.NBD_OPT_X_REPLFS) == "NBD_OPT_X_REPLFS"
+    assert P.reply_name(P.NBD_REP_X_REPLFS) == "NBD_REP_X_REPLFS"
+    assert P.MAX_CONTROL_PAYLOAD == 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize("step", [None, 1, 3, 7])
+def test_control_calls_stay_in_option_haggling(step):
+    s, c = greet(step, control=True)
+    for i in range(3):
+        request = b'{"op":"hello","n":%d}' % i
+        assert ask(s, c, OptPrivate(request), step) == OptPrivate(request)
+        assert s.pending_option == P.NBD_OPT_X_REPLFS
+        assert answer(s, c, PrivateReply(b'{"ok":true}'), step) == [PrivateReply(b'{"ok":true}')]
+        assert (s.state, c.state) == (State.OPTIONS, State.OPTIONS)
+    # an empty payload is framed too, and a refusal keeps the connection
+    assert ask(s, c, OptPrivate(b""), step) == OptPrivate(b"")
+    assert answer(s, c, PrivateReply(b""), step) == [PrivateReply(b"")]
+    ask(s, c, OptPrivate(b"{}"), step)
+    refusal = OptionError(P.NBD_REP_ERR_POLICY, "split brain: generation 7 > 5 (ü)")
+    assert answer(s, c, refusal, step) == [OptionError(P.NBD_REP_ERR_POLICY, refusal.message, P.NBD_OPT_X_REPLFS)]
+    # the same connection ends politely
+    ask(s, c, OptAbort(), step)
+    assert answer(s, c, OptAck(), step) == [OptAck()]
+    assert (s.state, c.state) == (State.CLOSED, State.CLOSED)
+
+
+@pytest.mark.parametrize("chunk", [65521, 1 << 20])
+def test_control_payload_of_4_mib_both_ways(chunk):
+    s, c = greet(control=True)
+    big = bytes(range(256)) * (P.MAX_CONTROL_PAYLOAD // 256)
+    assert len(big) == P.MAX_CONTROL_PAYLOAD
+    parts = c.send_parts(OptPrivate(big))
+    assert len(parts) == 2 and parts[1] is big  # not concatenated
+    assert feed(s, b"".join(parts), chunk) == [OptPrivate(big)]
+    parts = s.send_parts(PrivateReply(big))
+    assert len(parts) == 2 and parts[1] is big
+    assert feed(c, b"".join(parts), chunk) == [PrivateReply(big)]
+
+
+def test_control_payload_over_the_limit_is_fatal():
+    s, c = greet(control=True)
+    with pytest.raises(RemoteProtocolError, match="limit"):
+        feed(s, struct.pack(">QII", P.IHAVEOPT, P.NBD_OPT_X_REPLFS, P.MAX_CONTROL_PAYLOAD + 1))
+    # without control, the usual 64 KiB limit, as for any unknown option
+    s, c = greet()
+    with pytest.raises(RemoteProtocolError, match="limit"):
+        feed(s, struct.pack(">QII", P.IHAVEOPT, P.NBD_OPT_X_REPLFS, P.MAX_OPTION_LENGTH + 1))
+    s, c = greet(control=True)
+    c.send(OptPrivate(b"{}"))
+    hdr = P.OPTION_REPLY_HEADER.pack(P.OPTION_REPLY_MAGIC, P.NBD_OPT_X_REPLFS, P.NBD_REP_X_REPLFS,
+                                     P.MAX_CONTROL_PAYLOAD + 1)
+    with pytest.raises(RemoteProtocolError, match="too large"):
+        feed(c, hdr)
+
+
+def test_plain_server_answers_the_control_option_unsupported():
+    """What qemu-nbd and nbdkit do; and our server core without control=True."""
+    s, c = greet()
+    assert ask(s, c, OptPrivate(b'{"op":"hello"}'), 1) == OptUnknown(P.NBD_OPT_X_REPLFS, b'{"op":"hello"}')
+    got = answer(s, c, OptionError(P.NBD_REP_ERR_UNSUP, "unsupported"), 1)
+    assert got == [OptionError(P.NBD_REP_ERR_UNSUP, "unsupported", P.NBD_OPT_X_REPLFS)]
+    assert ask(s, c, OptGo("disk")) == OptGo("disk")  # and the connection goes on
+    # with control=True every other unknown option is still just unknown
+    s, c = greet(control=True)
+    assert feed(s, raw_option(99, b"xyz"), 1) == [OptUnknown(99, b"xyz")]
+
+
+def test_client_rejects_other_replies_to_the_control_option():
+    hdr = P.OPTION_REPLY_HEADER.pack
+    for rtype in (P.NBD_REP_ACK, P.NBD_REP_SERVER, P.NBD_REP_INFO):
+        s, c = greet(control=True)
+        c.send(OptPrivate(b"{}"))
+        with pytest.raises(RemoteProtocolError, match="NBD_OPT_X_REPLFS"):
+            feed(c, hdr(P.OPTION_REPLY_MAGIC, P.NBD_OPT_X_REPLFS, rtype, 0))
+
+
+def test_control_message_codec_and_errors():
+    from replfs.nbd.control import decode_message, encode_message, fit_message
+
+    msg = {"op": "digest", "ranges": [[0, 4096]], "name": "dïsk"}
+    assert decode_message(encode_message(msg)) == msg
+    assert encode_message({"a": [1, 2]}) == b'{"a":[1,2]}'
+    for bad in (b"[1]", b"\xff", b"{", b'"x"', b"null"):
+        with pytest.raises(ValueError):
+            decode_message(bad)
+    with pytest.raises(TypeError):
+        encode_message([1])
+    with pytest.raises(ValueError):
+        encode_message({"x": float("nan")})
+    assert fit_message("split brain: x") == "split brain: x"
+    long = fit_message("é" * 5000)
+    assert len(long.encode()) <= P.MAX_STRING and long.endswith("...")
+    assert fit_message("a\0b") == "a\\0b"  # an option error carries no NUL
+    e = ControlRefused(P.NBD_REP_ERR_POLICY, "split brain: x")
+    assert (e.code, e.message) == (P.NBD_REP_ERR_POLICY, "split brain: x") and "split brain: x" in str(e)
+    for code in (P.NBD_REP_ACK, P.NBD_REP_X_REPLFS, P.NBD_REP_ERR_UNSUP):
+        with pytest.raises(ValueError):
+            ControlRefused(code, "no")
+    assert ControlUnsupported("Unsupported option").code == P.NBD_REP_ERR_UNSUP
+
+
 # -- our own mistakes: LocalProtocolError -------------------------------------------
 def _server_asked(option=OptList()):
     s, c = greet()
+    ask(s, c, option)
+    return s
+
+
+def _server_asked_control(option):
+    s, c = greet(control=True)
     ask(s, c, option)
     return s
 
@@ -612,6 +729,12 @@ LOCAL_ERROR_CASES = [
     ("not-an-error-type", _server_asked, lambda s: s.send(OptionError(P.NBD_REP_ACK))),
     ("bare-ack-not-abort", _server_asked, lambda s: s.send(OptAck())),
     ("server-sends-client-event", _server_asked, lambda s: s.send(OptList())),
+    ("private-reply-answers-list", _server_asked, lambda s: s.send(PrivateReply(b"{}"))),
+    ("private-reply-without-control", lambda: _server_asked(OptUnknown(P.NBD_OPT_X_REPLFS, b"{}")),
+     lambda s: s.send(PrivateReply(b"{}"))),
+    ("private-reply-too-large", lambda: _server_asked_control(OptPrivate(b"{}")),
+     lambda s: s.send(PrivateReply(bytes(P.MAX_CONTROL_PAYLOAD + 1)))),
+    ("private-request-too-large", lambda: greet()[1], lambda c: c.send(OptPrivate(bytes(P.MAX_CONTROL_PAYLOAD + 1)))),
     ("error-message-too-long", _server_asked, lambda s: s.send(OptionError(P.NBD_REP_ERR_POLICY, "x" * 5000))),
     ("export-size-out-of-range", lambda: _server_asked(OptGo("x")), lambda s: s.send(ExportInfo(1 << 64, 0))),
     ("client-flags-not-offered", _client_greeted, lambda c: c.send(ClientFlags(4))),
@@ -711,16 +834,16 @@ def test_states_seen_through_a_session():
 
 
 # -- fuzzing -----------------------------------------------------------------------------
-def drive_server(data: bytes, chunks: list[int], *, handshake: bytes = b"") -> None:
+def drive_server(data: bytes, chunks: list[int], *, handshake: bytes = b"", control: bool = False) -> None:
     """Run a server core the way the real server does over ``data``.  A
     RemoteProtocolError (the fuzzed peer's fault) ends it quietly; anything
     else fails the test."""
     with contextlib.suppress(RemoteProtocolError):
-        _serve_stream(handshake + data, chunks)
+        _serve_stream(handshake + data, chunks, control)
 
 
-def _serve_stream(stream: bytes, chunks: list[int]) -> None:
-    s = ServerConnection()
+def _serve_stream(stream: bytes, chunks: list[int], control: bool = False) -> None:
+    s = ServerConnection(control=control)
     s.send(Greeting())
     pos = 0
     i = 0
@@ -756,6 +879,8 @@ def _serve_stream(stream: bytes, chunks: list[int]) -> None:
                 s.send(ExportList(("disk",)))
             elif t is OptAbort:
                 s.send(OptAck())
+            elif t is OptPrivate:
+                s.send(PrivateReply(ev.payload))
             elif t in (OptUnknown, OptInvalid):
                 s.send(OptionError(P.NBD_REP_ERR_UNSUP if t is OptUnknown else P.NBD_REP_ERR_INVALID))
             elif t is Request:
@@ -780,6 +905,7 @@ HANDSHAKE = struct.pack(">I", 3) + raw_option(P.NBD_OPT_GO, go_data(b"disk"))
 fragment = st.one_of(
     st.binary(max_size=40),
     st.builds(lambda o, d: raw_option(o, d), st.integers(0, 12), st.binary(max_size=30)),
+    st.builds(lambda d: raw_option(P.NBD_OPT_X_REPLFS, d), st.binary(max_size=30)),
     st.builds(lambda n, k: raw_option(P.NBD_OPT_GO, go_data(n, k)), st.sampled_from([b"disk", b"x", b""]),
               st.lists(st.integers(0, 5), max_size=3)),
     st.builds(
@@ -813,6 +939,12 @@ def test_fuzz_server_random_bytes_from_start(data, chunks):
 @given(st.lists(fragment, max_size=12), chunk_sizes(300))
 def test_fuzz_server_structured_fragments(frags, chunks):
     drive_server(b"".join(frags), chunks)
+
+
+@fuzz
+@given(st.lists(fragment, max_size=12), chunk_sizes(300))
+def test_fuzz_server_with_control_channel(frags, chunks):
+    drive_server(b"".join(frags), chunks, handshake=struct.pack(">I", 3), control=True)
 
 
 @fuzz

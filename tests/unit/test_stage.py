@@ -22,16 +22,17 @@ from replfs.replication.stage import (
     verdict,
 )
 
-R, D, F, S = (ReplicationStage.REPLICATING, ReplicationStage.DEGRADED,
-              ReplicationStage.FAILED_OVER, ReplicationStage.STOPPED)
+R, Y, D, I, F, S = (
+    ReplicationStage.REPLICATING, ReplicationStage.SYNCING, ReplicationStage.DEGRADED,
+    ReplicationStage.INCONSISTENT, ReplicationStage.FAILED_OVER, ReplicationStage.STOPPED)
 
 
 def test_the_stage_is_an_enum_whose_values_are_the_status_states():
     assert ReplicationStage.__name__.endswith("Stage")
     assert {s.value for s in ReplicationStage} == \
-        {"replicating", "degraded", "failed-over", "stopped"}
-    assert stages(Role.PRIMARY) == (R, D, F, S)
-    assert stages(Role.SECONDARY) == (R, F, S)
+        {"replicating", "syncing", "degraded", "inconsistent", "failed-over", "stopped"}
+    assert stages(Role.PRIMARY) == (R, Y, D, F, S)
+    assert stages(Role.SECONDARY) == (R, Y, I, F, S)
 
 
 @pytest.mark.parametrize("role", list(Role))
@@ -49,13 +50,14 @@ def test_walk_the_whole_table():
             if v.allowed:
                 assert v.errno == 0 and not v.reason, (role, stage, op)
             else:
-                assert v.errno in (errno.ENOTCONN, errno.EINVAL, errno.ESHUTDOWN), (role, stage, op)
+                assert v.errno in (errno.ENOTCONN, errno.EINVAL, errno.ESHUTDOWN,
+                                   errno.EBUSY), (role, stage, op)
                 assert v.message(op, stage).startswith(f"{op.value}: ")
             # the VM's own I/O is never refused, in any stage (QEMU's rule:
             # replication errors are recorded, not returned)
             if op is Op.VM_IO:
                 assert v.allowed and not v.noop
-    assert seen == 4 * 5 + 3 * 6
+    assert seen == 5 * 8 + 5 * 7
 
 
 @pytest.mark.parametrize("role,stage,op,expect", [
@@ -76,6 +78,16 @@ def test_walk_the_whole_table():
     (Role.SECONDARY, F, Op.STOP, errno.EINVAL),
     (Role.SECONDARY, S, Op.FAILOVER, "allow"),
     (Role.SECONDARY, F, Op.FAILOVER, "noop"),
+    (Role.PRIMARY, Y, Op.CHECKPOINT, errno.EBUSY),      # a resync runs
+    (Role.SECONDARY, Y, Op.CHECKPOINT, errno.EBUSY),
+    (Role.SECONDARY, I, Op.CHECKPOINT, errno.EBUSY),    # needs a resync first
+    (Role.SECONDARY, I, Op.REPLICATE, "allow"),         # ... which arrives as writes
+    (Role.PRIMARY, D, Op.CONNECT, "allow"),
+    (Role.PRIMARY, F, Op.CONNECT, "allow"),             # re-protect from failed-over
+    (Role.PRIMARY, R, Op.CONNECT, "noop"),
+    (Role.PRIMARY, S, Op.CONNECT, errno.EINVAL),
+    (Role.PRIMARY, D, Op.RESYNC, errno.ENOTCONN),
+    (Role.SECONDARY, R, Op.RESYNC, errno.EINVAL),       # run it on the primary
 ])
 def test_the_rules_that_the_docs_promise(role, stage, op, expect):
     v = verdict(role, stage, op)
@@ -131,7 +143,7 @@ def test_a_controller_answers_actions_as_the_table_says(role):
         for op in (Op.CHECKPOINT, Op.FAILOVER, Op.STOP):
             ctl = _controller(role)
             ctl.stage = stage
-            v = verdict(role, stage, op)
+            v = verdict(role, stage, op, ctl.peer_connected)
             if v.allowed:
                 assert ctl.admit(op) is (not v.noop)
             else:
@@ -139,6 +151,22 @@ def test_a_controller_answers_actions_as_the_table_says(role):
                     ctl.admit(op)
                 assert e.value.errno == v.errno
                 assert stage.value in str(e.value) or not v.reason.count("{stage}")
+
+
+def test_a_secondary_checkpoint_needs_a_connected_primary():
+    v = verdict(Role.SECONDARY, R, Op.CHECKPOINT, peer_connected=False)
+    assert not v.allowed and v.errno == errno.ENOTCONN
+    assert "no primary connected" in v.message(Op.CHECKPOINT, R)
+    assert verdict(Role.SECONDARY, R, Op.CHECKPOINT, peer_connected=True).allowed
+    # a refusal for the stage still wins, and the primary's checkpoint is not affected
+    assert verdict(Role.SECONDARY, F, Op.CHECKPOINT, peer_connected=False).errno == errno.EINVAL
+    assert verdict(Role.PRIMARY, R, Op.CHECKPOINT, peer_connected=False).allowed
+
+
+def test_a_resync_refusal_says_how_much_is_left():
+    v = verdict(Role.PRIMARY, Y, Op.CHECKPOINT)
+    assert v.message(Op.CHECKPOINT, Y, left=1234) == \
+        "checkpoint: resync in progress, 1234 bytes left"
 
 
 def test_refused_actions_change_nothing():
