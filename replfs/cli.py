@@ -13,6 +13,7 @@ input and 1 for a failure.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -68,7 +69,32 @@ def check_image(image: str) -> None:
         raise UsageError(f"image {image}: not readable and writable")
 
 
+def clear_dead_mount(mount: str) -> bool:
+    """A replfs mount whose daemon died (access fails with ENOTCONN or
+    ECONNABORTED; fusermount3's auto_unmount can miss it when the kernel is
+    still tearing the connection down): unmount it, lazily.  True if it did."""
+    try:
+        os.listdir(mount)  # (stat may still answer from the kernel's cache)
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            return False
+    path = os.path.realpath(mount)
+    try:
+        with open("/proc/self/mounts") as f:
+            ours = any(line.split()[1] == path and line.split()[2] == "fuse.replfs"
+                       for line in f)
+    except OSError:
+        return False
+    if not ours:
+        return False
+    subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+    print(f"replfs: {mount}: removed the mount of a replfs daemon that died", file=sys.stderr)
+    return True
+
+
 def check_mountpoint(mount: str) -> None:
+    clear_dead_mount(mount)
     if not os.path.isdir(mount):
         raise UsageError(f"mountpoint {mount}: not a directory")
     if os.path.ismount(mount):
@@ -296,7 +322,8 @@ def cmd_action(args) -> int:
     except OSError as exc:
         reason = None
         try:
-            reason = read_status(args.mount).get("last_error")
+            st = read_status(args.mount)
+            reason = st.get("action_error") or st.get("last_error")
         except (OSError, ValueError):
             pass
         print(f"replfs: {args.command} failed: {reason or os.strerror(exc.errno)}",

@@ -172,6 +172,10 @@ async def run_primary(cfg: MountConfig, ready) -> None:
                     raise
                 ctl.start_degraded(ctl.last_error)
             await _serve_fuse(ops, cfg.mount, "primary", lambda: ready(None), nursery)
+            # Unmounted: flush and say goodbye while the NBD clients' tasks
+            # (in the controller's nursery) still run; then stop the rest.
+            with trio.CancelScope(shield=True):
+                await ctl.shutdown()
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

@@ -19,9 +19,11 @@ replfs does the same per disk:
   synced.  Writes into hot extents cost nothing extra; concurrent writes
   into cold extents share one transaction (group commit).  Up to
   ``capacity`` extents stay hot (default 896 = 3.5 GiB); the least recently
-  used one without a write in flight is evicted, after the bitmap was
-  persisted if it changed (an evicted extent is no longer covered by the
-  log, so its bits must be on disk).
+  used one without a write in flight (or waiting for it) is evicted, after
+  the bitmap was persisted if it changed (an evicted extent is no longer
+  covered by the log, so its bits must be on disk).  The set exceeds
+  ``capacity`` only while every extent in it is busy, until the next
+  transaction.
 * persistence of the bits themselves is the controller's: at checkpoints,
   disconnects, evictions and clean exits (``persist``).  After a crash the
   persisted bits plus the log's extents (as suspects) cover every write that
@@ -36,7 +38,7 @@ each at 1 TiB and 64 KiB clusters) and the hot set.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import trio
 
@@ -62,6 +64,9 @@ class DirtyRecord:
         self.suspect = ClusterBitmap(self.nclusters)
         #: The bits changed since they were last persisted.
         self.changed = False
+        #: Bumped by every mark: a resync clears what it copied only if no
+        #: mark came between the copy and the peer's flush.
+        self.marks = 0
 
     # -- ranges -------------------------------------------------------------------
     def outward(self, offset: int, length: int) -> tuple[int, int]:
@@ -87,10 +92,12 @@ class DirtyRecord:
             c0, c1 = self.outward(offset, length)
             self.bits.set_range(c0, c1)
             self.changed = True
+            self.marks += 1
 
     def mark_all(self) -> None:
         self.bits.set_range(0, self.nclusters)
         self.changed = True
+        self.marks += 1
 
     def suspect_extents(self, extents, extent_size: int = EXTENT_SIZE) -> None:
         """After a crash: every cluster of these extents may differ."""
@@ -130,7 +137,15 @@ class DirtyRecord:
 
     @property
     def out_of_sync_bytes(self) -> int:
-        return (self.dirty_clusters + self.suspect_clusters) * self.cluster_size
+        """Bytes of the dirty and suspect clusters (the disk's short last
+        cluster counts its real length)."""
+        n = (self.dirty_clusters + self.suspect_clusters) * self.cluster_size
+        short = (self.nclusters << self._shift) - self.size
+        if n and short:
+            last = self.nclusters - 1
+            if self.bits.test(last) or self.suspect.test(last):
+                n -= short
+        return n
 
     def to_bytes(self) -> bytes:
         return self.bits.to_bytes()
@@ -152,7 +167,7 @@ class ActivityLog:
         self.capacity = capacity
         self.hot: OrderedDict[int, int] = OrderedDict((e, 0) for e in hot)  # -> in flight
         self._committing: trio.Event | None = None
-        self._pending: set[int] = set()
+        self._waiting: Counter[int] = Counter()  # extents writers in begin() wait for
         self.transactions = 0
         self.evictions = 0
 
@@ -163,38 +178,57 @@ class ActivityLog:
         """Before a write of ``[offset, offset+length)`` reaches the image:
         returns once every extent it touches is durably in the log."""
         want = self.extents(offset, length)
-        while True:
-            hot = self.hot
-            if all(e in hot for e in want):
-                for e in want:
-                    hot[e] += 1
-                    hot.move_to_end(e)
-                return
-            if self._committing is not None:  # the next transaction takes these too
-                self._pending.update(e for e in want if e not in hot)
-                await self._committing.wait()
-                continue
-            await self._commit(want)
+        if self._take(want):
+            return
+        # Until it returns, the next transaction adds these extents (group
+        # commit) and evicts none of them.
+        waiting = self._waiting
+        waiting.update(want)
+        try:
+            while not self._take(want):
+                if self._committing is not None:
+                    await self._committing.wait()
+                else:
+                    await self._commit()
+        finally:
+            waiting.subtract(want)
+            for e in want:
+                if not waiting[e]:
+                    del waiting[e]
+
+    def _take(self, want: range) -> bool:
+        """Count a write into ``want`` if every extent of it is hot."""
+        hot = self.hot
+        if not all(e in hot for e in want):
+            return False
+        for e in want:
+            hot[e] += 1
+            hot.move_to_end(e)
+        return True
 
     def end(self, offset: int, length: int) -> None:
         for e in self.extents(offset, length):
             self.hot[e] -= 1
 
-    async def _commit(self, want: range) -> None:
+    async def _commit(self) -> None:
         """One transaction: the hot set plus every extent waiting to go hot.
         ``hot`` holds only extents that are durably logged: an extent joins
         it after the write, and an evicted one leaves it before (so a writer
-        into it waits for this transaction)."""
+        into it waits for this transaction).  Never evicted: extents with
+        writes in flight, and those a waiting writer wants (evicting one
+        would only send that writer round again - for ever, if its write
+        spans more extents than ``capacity``)."""
         done = self._committing = trio.Event()
-        adding = self._pending | {e for e in want if e not in self.hot}
-        self._pending = set()
+        wanted = set(self._waiting)
+        adding = {e for e in wanted if e not in self.hot}  # a hot one keeps its count
         try:
             over = len(self.hot) + len(adding) - self.capacity
             if over > 0:
-                for e in [e for e, n in self.hot.items() if n == 0][:over]:
+                evict = [e for e, n in self.hot.items() if n == 0 and e not in wanted][:over]
+                for e in evict:
                     del self.hot[e]
                     self.evictions += 1
-                if self._before_evict is not None:
+                if evict and self._before_evict is not None:
                     await self._before_evict()  # the bits of the evicted, on disk first
             await iothreads.run(self._write_al, [*self.hot, *sorted(adding)])
             for e in sorted(adding):
@@ -206,10 +240,19 @@ class ActivityLog:
 
     async def clear(self) -> None:
         """Forget every extent without a write in flight (a clean exit, or
-        all in sync and persisted)."""
-        for e in [e for e, n in self.hot.items() if n == 0]:
-            del self.hot[e]
-        await iothreads.run(self._write_al, list(self.hot))
+        all in sync and persisted).  A transaction like the others: it waits
+        for the one under way (whose log it would otherwise race, dropping
+        an extent just added), and writers into what it drops wait for it."""
+        while self._committing is not None:
+            await self._committing.wait()
+        done = self._committing = trio.Event()
+        try:
+            for e in [e for e, n in self.hot.items() if n == 0]:
+                del self.hot[e]
+            await iothreads.run(self._write_al, list(self.hot))
+        finally:
+            self._committing = None
+            done.set()
 
     def statistics(self) -> dict:
         return {"hot_extents": len(self.hot), "transactions": self.transactions,

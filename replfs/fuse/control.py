@@ -3,7 +3,8 @@
 ``echo 1 > MOUNT/.replfs/ACTION`` runs one action of the controller and the
 ``write()`` returns once it is done; a refused or failed action fails the
 ``write()`` with the action's errno and the reason in the status file's
-``last_error``.  Accepted values: ``1 y yes true on now`` or the action's
+``action_error`` (and ``last_error``, unless that keeps why a primary
+degraded).  Accepted values: ``1 y yes true on now`` or the action's
 own name (case and surrounding white space ignored), and for three actions
 an argument instead: ``failover`` takes ``force``, ``resync`` takes
 ``full``, ``connect`` takes ``HOST:PORT`` (another secondary).
@@ -53,7 +54,7 @@ async def run(controller, action: str, value: bytes) -> None:
     try:
         args = parse(action, value)
     except UsageError as exc:
-        controller.record_error(str(exc))
+        controller.record_refusal(str(exc))
         raise pyfuse3.FUSEError(errno.EINVAL) from None
     try:
         await controller.run_action(action, *args)

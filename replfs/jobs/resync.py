@@ -18,12 +18,18 @@ windows of up to ``WINDOW`` bytes of clusters, a few windows at a time:
   peer) suspects are copied;
 * bits are cleared only after a FLUSH of the peer covered the copies (every
   ``FLUSH_EVERY`` bytes and at the end), so a peer that loses its page cache
-  cannot leave a cluster marked clean that it does not hold;
+  cannot leave a cluster marked clean that it does not hold.  Nor are they
+  if the record was marked since the copy (a VM write into the cluster
+  that the peer failed: the copy is older than the local data), or if the
+  mirror's peer is no longer the one the copies went to;
 * new writes keep mirroring meanwhile; one that covers a dirty cluster whole
   clears it (the mirror does that), so the job skips it;
 * ``rate`` (bytes/s) caps what is sent, a token bucket; without it the job
-  runs as fast as the peer takes it.  The VM's writes compete for the same
-  range locks window by window, and the lock is fair, so neither starves.
+  runs as fast as the peer takes it.  A window's tokens are taken before its
+  range lock (for what the record holds there then; the difference with
+  what was sent is settled after), so a VM write never waits for the
+  bucket.  The VM's writes compete for the same range locks window by
+  window, and the lock is fair, so neither starves.
 
 Progress (``SyncProgress``) is readable while the job runs: total, done
 (clusters handled, sent or found equal), sent, rate and ETA.
@@ -101,6 +107,11 @@ class TokenBucket:
         if self._level < 0:
             await trio.sleep(-self._level / self.rate)
 
+    def settle(self, n: int) -> None:
+        """Charge ``n`` more bytes (give ``-n`` back) without waiting."""
+        if self.rate:
+            self._level = min(self.rate, self._level - n)
+
 
 class _Disk:
     """One disk's walk: windows to do, copies waiting for a flush."""
@@ -111,7 +122,9 @@ class _Disk:
         self.record = record
         self.window = max(1, WINDOW // record.cluster_size)
         self.next = 0
-        self.unflushed: list[tuple[int, int]] = []
+        self.target = mirror.peer  # where the copies go
+        #: Copied runs ``(c0, c1, record.marks then)``, until a flush.
+        self.unflushed: list[tuple[int, int, int]] = []
         self.unflushed_bytes = 0
 
     def take_window(self) -> tuple[int, int] | None:
@@ -130,7 +143,7 @@ class _Disk:
 
     def peer(self):
         peer = self.mirror.peer
-        if peer is None:
+        if peer is None or peer is not self.target:
             raise BlockError(errno.ENOTCONN, f"{self.name}: the secondary is gone")
         return peer
 
@@ -180,10 +193,15 @@ async def _window(d: _Disk, c0: int, c1: int, digests: DigestFn | None,
                   bucket: TokenBucket, progress: SyncProgress) -> None:
     rec, mirror = d.record, d.mirror
     offset, length = rec.span(c0, c1)
+    guess = min(length, rec.cluster_size * (rec.bits.count_range(c0, c1)
+                                            + rec.suspect.count_range(c0, c1)))
+    await bucket.take(guess)  # outside the lock: VM writes never wait for it
+    sent = 0
     async with mirror.order.exclusive(offset, offset + length):
+        marks = rec.marks  # no VM write into the window until the lock is let go
         todo = [c for c in range(c0, c1) if rec.bits.test(c)]
         suspects = [c for c in range(c0, c1) if rec.suspect.test(c) and not rec.bits.test(c)]
-        handled = (len(todo) + len(suspects)) * rec.cluster_size
+        handled = _nbytes(rec, todo) + _nbytes(rec, suspects)
         if suspects and digests is not None:
             local = cluster_digests(await mirror.local.read(offset, length), rec.cluster_size)
             remote = await digests(d.name, offset, length)
@@ -198,24 +216,34 @@ async def _window(d: _Disk, c0: int, c1: int, digests: DigestFn | None,
             todo = sorted(todo + suspects)
         for a, b in _runs(todo):
             off, n = rec.span(a, b)
-            await bucket.take(n)
             data = await mirror.local.read(off, n)
             await d.peer().write(off, data)
+            sent += n
             progress.sent_bytes += n
-            d.unflushed.append((a, b))
+            d.unflushed.append((a, b, marks))
             d.unflushed_bytes += n
+    bucket.settle(sent - guess)
     progress.done_bytes += handled
     progress.note(trio.current_time())
 
 
 async def _flush(d: _Disk) -> None:
-    """FLUSH the peer, then mark what it now holds as in sync."""
+    """FLUSH the peer, then mark what it now holds as in sync: the copies
+    after which no mark came (a later round copies the others again)."""
     if not d.unflushed:
         return
     done, d.unflushed, d.unflushed_bytes = d.unflushed, [], 0
     await d.peer().flush()
-    for a, b in done:
-        d.record.clear(a, b)
+    d.peer()  # still the peer that took the copies and the flush
+    marks = d.record.marks
+    for a, b, copied_at in done:
+        if copied_at == marks:
+            d.record.clear(a, b)
+
+
+def _nbytes(rec: DirtyRecord, clusters: list[int]) -> int:
+    """Bytes of these (sorted) clusters; the disk's last one may be short."""
+    return sum(rec.span(a, b)[1] for a, b in _runs(clusters))
 
 
 def _runs(clusters: list[int]):

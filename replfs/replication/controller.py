@@ -11,8 +11,10 @@ replfs controller is the same idea for one mount (all its disks):
   (:meth:`Controller.admit`), which refuses with an errno and a reason, or
   says the action is a no-op;
 * :meth:`record_error` keeps the last failure in words (``last_error`` in
-  the status); :meth:`run_action` records the reason of a failed action, so
-  the FUSE edge never writes controller state;
+  the status); :meth:`run_action` records the reason of a failed or refused
+  action (``action_error``, and ``last_error`` too unless a reason is kept
+  there: :meth:`_keeps_last_error`, a primary out of sync keeps why it
+  degraded), so the FUSE edge never writes controller state;
 * the stage changes only in :meth:`enter`, which checks the role's
   transition table and then lets the subclass configure its graph for the
   new stage (:meth:`_configure`);
@@ -48,6 +50,7 @@ class Controller(abc.ABC):
     def __init__(self) -> None:
         self.stage = ReplicationStage.REPLICATING
         self.last_error: str | None = None
+        self.action_error: str | None = None
         self.checkpoints = 0
 
     # -- stage --------------------------------------------------------------------
@@ -90,6 +93,17 @@ class Controller(abc.ABC):
         self.last_error = reason
         log.error("%s", reason)
 
+    def record_refusal(self, reason: str) -> None:
+        """An action failed or was refused: its reason goes to ``action_error``
+        and, unless a more important reason is kept there, ``last_error``."""
+        self.action_error = reason
+        if not self._keeps_last_error():
+            self.last_error = reason
+        log.warning("%s", reason)
+
+    def _keeps_last_error(self) -> bool:
+        return False
+
     def get_error(self) -> str | None:
         return self.last_error
 
@@ -117,12 +131,13 @@ class Controller(abc.ABC):
         try:
             await action(*args)
         except BlockError as exc:
-            self.record_error(str(exc))
+            self.record_refusal(str(exc))
             raise
         except Exception as exc:
-            self.record_error(f"{name}: internal error: {exc!r}")
+            self.record_refusal(f"{name}: internal error: {exc!r}")
             log.error("%s failed", name, exc_info=exc)
             raise
+        self.action_error = None
         log.info("%s done", name)
 
     # -- status -------------------------------------------------------------------
@@ -138,4 +153,5 @@ class Controller(abc.ABC):
             "peer_connected": self.peer_connected,
             "checkpoints": self.checkpoints,
             "last_error": self.last_error,
+            "action_error": self.action_error,
         }

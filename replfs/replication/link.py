@@ -20,6 +20,7 @@ import trio
 
 from replfs.block.base import BlockNode
 from replfs.errors import BlockError, PeerMismatch, PeerUnavailable
+from replfs.nbd import proto as P
 from replfs.nbd.client import ExportRefusedError, connect
 from replfs.nbd.control import open_control
 from replfs.nbd.errors import ControlUnsupported
@@ -48,8 +49,11 @@ class NbdSession:
                 client = await connect(host, port, name, nursery=self.nursery,
                                        connect_timeout=self.timeout)
             except ExportRefusedError as exc:
-                raise PeerMismatch(f"the secondary {self.target} refused disk {name}: "
-                                   f"{exc}") from None
+                if exc.reply_type == P.NBD_REP_ERR_UNKNOWN:  # no such disk there
+                    raise PeerMismatch(f"the secondary {self.target} refused disk {name}: "
+                                       f"{exc}") from None
+                raise PeerUnavailable(f"the secondary {self.target} refused disk {name} "
+                                      f"for now: {exc}") from None
             except BlockError as exc:
                 raise PeerUnavailable(f"cannot connect to the secondary {self.target} for "
                                       f"disk {name}: {exc}") from None

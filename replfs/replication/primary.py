@@ -63,6 +63,8 @@ R, Y, D, F, S = (ReplicationStage.REPLICATING, ReplicationStage.SYNCING,
                  ReplicationStage.STOPPED)
 
 RECONNECT_FIRST = 0.5
+#: How long ``connect`` keeps trying a secondary that is not ready yet.
+CONNECT_PATIENCE = 3.0
 
 
 class Control(Protocol):
@@ -119,6 +121,7 @@ class PrimaryController(Controller):
         self._nursery: trio.Nursery | None = None
         self._resync_scope: trio.CancelScope | None = None
         self._wake = trio.Event()
+        self._shut_down = False
 
     def attach(self, disks: dict[str, Mirror], images: dict[str, str],
                states: dict[str, DiskState] | None = None) -> None:
@@ -243,6 +246,7 @@ class PrimaryController(Controller):
         for name, d in self.disks.items():
             d.attach_peer(peers[name])
         self.session = session
+        self.sync = SyncProgress(total_bytes=self._total_out_of_sync())
         self.enter(Y)
         self.reconnect_error = None
         if control is not None:
@@ -310,7 +314,8 @@ class PrimaryController(Controller):
                    if st.record is not None)
 
     async def _resync(self, session: Session) -> None:
-        progress = self.sync = SyncProgress()
+        progress = self.sync or SyncProgress()
+        self.sync = progress
         with trio.CancelScope() as scope:
             self._resync_scope = scope
             try:
@@ -394,6 +399,10 @@ class PrimaryController(Controller):
         else:
             self._configure(self.stage)
 
+    def _keeps_last_error(self) -> bool:
+        """Out of sync, ``last_error`` keeps why the primary degraded."""
+        return self.stage in (D, Y) and self.last_error is not None
+
     # -- actions ------------------------------------------------------------------------
     def actions(self):
         return {**super().actions(), "connect": self.connect,
@@ -440,8 +449,17 @@ class PrimaryController(Controller):
         self.want_connected = True
         if not self.admit(Op.CONNECT):
             return
+        deadline = trio.current_time() + CONNECT_PATIENCE
         try:
-            await self._connect_now()
+            while True:
+                try:
+                    await self._connect_now()
+                    return
+                except PeerUnavailable:
+                    # e.g. the secondary has not yet seen the last connection go
+                    if trio.current_time() > deadline or self.stage not in (D, F):
+                        raise
+                    await trio.sleep(0.2)
         except (ReplfsError, BlockError, OSError) as exc:
             self.reconnect_error = str(exc)
             self._poke()
@@ -492,19 +510,24 @@ class PrimaryController(Controller):
             session.abort()
 
     async def shutdown(self) -> None:
-        """On unmount: stop the background, flush the images, disconnect
-        cleanly, record on disk."""
+        """On unmount: flush the images, disconnect cleanly (NBD DISC), stop
+        the background, record on disk.  Idempotent."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         self.want_connected = False
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
-        if hasattr(self, "_stopped"):
-            await self._stopped.wait()
+        if self._resync_scope is not None:
+            self._resync_scope.cancel()
         for d in self.disks.values():
             try:
                 await d.flush()
             except BlockError as exc:
                 log.error("disk %s: flush at exit failed: %s", d.name, exc)
-        await self._disconnect()
+        await self._disconnect()  # NBD DISC, while the clients' tasks still run
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        if hasattr(self, "_stopped"):
+            await self._stopped.wait()
         for name, st in self.states.items():
             try:
                 await st.close_clean()

@@ -175,6 +175,8 @@ class SecondaryController(Controller):
         if op == "hello":
             refusal = self.admit_primary("", 0)
             if refusal is not None:
+                self.record_error(f"refused a primary ({peer[0]}:{peer[1]}): {refusal}"
+                                  if peer else f"refused a primary: {refusal}")
                 raise ControlRefused(P.NBD_REP_ERR_POLICY, refusal)
             return {"disks": {n: st.describe() for n, st in self.states.items()},
                     "state": self.state}

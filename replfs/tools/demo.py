@@ -1,7 +1,8 @@
 """``replfs demo``: a primary and a secondary on loopback, on scratch images.
 
-Shows replication, the secondary view before and after a checkpoint, and a
-failover, with the pattern bytes QEMU's test-replication uses: 0x11 the
+Shows replication, the secondary view before and after a checkpoint, a
+fault that heals itself (the secondary killed and restarted: the primary
+reconnects and resyncs what it missed), and a failover, with the pattern bytes QEMU's test-replication uses: 0x11 the
 initial content of both disks, 0x22 written by the primary VM, 0x33 by the
 secondary VM.  Everything it mounts and starts, it unmounts and stops.
 """
@@ -137,7 +138,33 @@ class Demo:
         print(f"\n  primary.img == secondary.img: {same(self.pimg, self.simg)}; "
               f"view == secondary.img: {same(self.sview, self.simg)}")
 
-        self.step("epoch 2: primary writes 0x22 to R2, secondary VM writes 0x33 to R3; "
+        self.step("epoch 2, a fault that heals itself: the secondary daemon is killed (SIGKILL); "
+                  "the primary VM keeps writing 0x22 to R3")
+        os.kill(self.pids[0], signal.SIGKILL)  # the secondary
+        wait_gone(self.pids[:1])
+        subprocess.run(["fusermount3", "-u", "-z", self.smnt], capture_output=True)
+        fill(self.pview, REGIONS[3][1], 0x22)
+        st = self.status(self.pmnt)
+        print(f"  primary: state {st['state']}, reconnect {st['reconnect']}, "
+              f"out of sync {st['disks']['disk0']['out_of_sync_bytes'] // MiB} MiB")
+        print(f"  primary's last_error: {st['last_error']}")
+
+        self.step("restart the secondary with the same arguments: the primary reconnects "
+                  "by itself and resyncs only what the secondary missed")
+        self.replfs("secondary", self.smnt, "--listen", listen,
+                    "--disk", f"disk0={self.simg}",
+                    "--log", os.path.join(self.base, "secondary.log"))
+        self.pids[0] = self.status(self.smnt)["pid"]
+        deadline = time.time() + 30
+        while self.status(self.pmnt)["state"] != "replicating" and time.time() < deadline:
+            time.sleep(0.1)
+        self.replfs("status", self.pmnt)
+        self.replfs("checkpoint", self.pmnt)
+        self.replfs("checkpoint", self.smnt)
+        self.table("healed, after a checkpoint: R3's 0x22 reached the secondary", cols)
+        print(f"\n  primary.img == secondary.img: {same(self.pimg, self.simg)}")
+
+        self.step("epoch 3: primary writes 0x22 to R2, secondary VM writes 0x33 to R3; "
                   "then the primary dies")
         fill(self.pview, REGIONS[2][1], 0x22)
         fill(self.sview, REGIONS[3][1], 0x33)
@@ -151,7 +178,7 @@ class Demo:
         self.step("failover on the secondary: secondary.img := last checkpoint + own writes")
         self.replfs("failover", self.smnt)
         self.table("after failover (R2's 0x22 from the dead primary is undone, "
-                   "R3's 0x33 is kept)", {"primary.img": self.pimg,
+                   "R3's 0x33 from the secondary VM is kept)", {"primary.img": self.pimg,
                                           "secondary.img": self.simg,
                                           "secondary view": self.sview})
         self.replfs("status", self.smnt)

@@ -189,7 +189,8 @@ def test_checkpoints_are_refused_while_a_resync_runs(tmp_path):
                 with pytest.raises(BlockError) as e:
                     await ctl.run_action("checkpoint")
                 assert e.value.errno == errno.EBUSY
-                assert "resync in progress" in ctl.last_error and "bytes left" in ctl.last_error
+                assert "resync in progress" in ctl.action_error
+                assert "bytes left" in ctl.action_error
             for link in pair.links.values():
                 link.resume()
             await settle(pair)

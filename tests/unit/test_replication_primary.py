@@ -171,7 +171,7 @@ def test_stop_flushes_both_sides_and_ends_replication(tmp_path):
     assert read_image(pair.simages["d0"])[:512] == pattern(PRIMARY, 512)
 
 
-def test_a_failed_action_is_recorded_in_last_error(tmp_path):
+def test_a_refused_action_keeps_the_reason_the_primary_degraded(tmp_path):
     pair = Pair(tmp_path, secondary_faults="write:EIO:count=1")
 
     async def main():
@@ -179,10 +179,28 @@ def test_a_failed_action_is_recorded_in_last_error(tmp_path):
             pair.reachable = False  # no reconnect: the degraded state stays
             await pair.pdisk().write(0, pattern(PRIMARY, 512))
             degraded_because = pair.primary.last_error
+            assert "EIO" in degraded_because or "Input/output" in degraded_because
+            for action in ("checkpoint", "resync"):
+                with pytest.raises(BlockError):
+                    await pair.primary.run_action(action)
+                assert pair.primary.action_error.startswith(f"{action}: ")
+                assert pair.primary.last_error == degraded_because  # verbatim, kept
+            await pair.primary.run_action("failover")
+            assert pair.primary.action_error is None
+
+    run(main)
+
+
+def test_a_refused_action_is_recorded_in_last_error_when_in_sync(tmp_path):
+    pair = Pair(tmp_path)
+
+    async def main():
+        async with pair.running():
+            await pair.primary.stop()
             with pytest.raises(BlockError):
                 await pair.primary.run_action("checkpoint")
             assert pair.primary.last_error.startswith("checkpoint: not replicating")
-            assert degraded_because != pair.primary.last_error
+            assert pair.primary.action_error == pair.primary.last_error
 
     run(main)
 

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Resync benchmark: how fast a pair heals, beside nbdcopy, and what it costs the VM.
+
+    .venv/bin/python scripts/bench_resync.py [--size 1G] [--dir /var/tmp] [--rounds 2]
+                                             [--fio-seconds 20] [--json FILE]
+
+1. **Resync rate.**  A pair of ``--size`` images (the primary's filled with
+   data); ``replfs resync --full`` copies every cluster to the secondary, timed
+   from the command to "replicating" again.  Beside it, with the primary
+   disconnected (``replfs disconnect``), ``nbdcopy --flush`` copies the same
+   image into the same secondary export (the same server, with its
+   copy-before-write; a checkpoint before each run empties the hidden
+   overlay for both).  Rounds alternate.  Ratio = replfs / nbdcopy.
+2. **A secondary restart under a running fio job.**  fio writes 4 KiB at
+   random on the primary's disk file (QD1, psync) for ``--fio-seconds``;
+   after a quarter of it the secondary daemon is killed (SIGKILL), after half
+   it is restarted with the same arguments; reported: the time from the
+   restart to "replicating", and fio's IOPS before the kill, while degraded,
+   while syncing and after.
+
+Everything it mounts it unmounts; the images are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from replfs.units import human, parse_size  # noqa: E402
+from tests._proc import mounted, stop_pid, unmount, wait_gone  # noqa: E402
+
+MiB = 1 << 20
+
+
+def replfs(*argv) -> None:
+    r = subprocess.run([sys.executable, "-m", "replfs", *map(str, argv)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"bench: replfs {argv[0]} failed ({r.returncode}): "
+                         f"{(r.stdout + r.stderr).strip()}")
+
+
+def status(mount: str) -> dict:
+    with open(os.path.join(mount, ".replfs", "status")) as f:
+        return json.load(f)
+
+
+def wait_state(mount: str, state: str, timeout: float = 600) -> float:
+    """Seconds until ``mount`` reports ``state``."""
+    t = time.perf_counter()
+    deadline = t + timeout
+    while status(mount)["state"] != state:
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"bench: {mount} did not reach {state} in {timeout:g} s")
+        time.sleep(0.02)
+    return time.perf_counter() - t
+
+
+class Pair:
+    def __init__(self, base: str, size: int) -> None:
+        self.base, self.size = base, size
+        self.pimg, self.simg = os.path.join(base, "p.img"), os.path.join(base, "s.img")
+        self.pm, self.sm = os.path.join(base, "pm"), os.path.join(base, "sm")
+        os.mkdir(self.pm)
+        os.mkdir(self.sm)
+        block = bytes(range(256)) * (4 * MiB // 256)
+        for img in (self.pimg, self.simg):
+            with open(img, "wb") as f:
+                for _ in range(size // len(block)):
+                    f.write(block)
+        self.listen = "127.0.0.1:0"
+
+    def start_secondary(self) -> None:
+        replfs("secondary", self.sm, "--listen", self.listen, "--disk", f"d={self.simg}",
+               "--log", os.path.join(self.base, "s.log"))
+        self.listen = status(self.sm)["listen"]
+
+    def start_primary(self) -> None:
+        replfs("primary", self.pm, "--secondary", self.listen, "--disk", f"d={self.pimg}",
+               "--reconnect-interval", "0.5", "--log", os.path.join(self.base, "p.log"))
+
+    def checkpoint(self) -> None:
+        replfs("checkpoint", self.pm)
+        replfs("checkpoint", self.sm)
+
+    def kill_secondary(self) -> None:
+        pid = status(self.sm)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid, 10)
+        unmount(self.sm)
+
+    def close(self) -> None:
+        for m in (self.pm, self.sm, self.sm, self.pm):  # a dead mount may lie under a live one
+            if mounted(m):
+                try:
+                    pid = status(m)["pid"]
+                except OSError:
+                    pid = None
+                unmount(m)
+                if pid:
+                    stop_pid(pid)
+
+
+def resync_round(pair: Pair) -> float:
+    t = time.perf_counter()
+    replfs("resync", pair.pm, "--full")
+    wait_state(pair.pm, "replicating")
+    return time.perf_counter() - t
+
+
+def nbdcopy_round(pair: Pair) -> float:
+    replfs("disconnect", pair.pm)
+    t = time.perf_counter()
+    subprocess.run(["nbdcopy", "--flush", pair.pimg, f"nbd://{pair.listen}/d"], check=True)
+    took = time.perf_counter() - t
+    replfs("connect", pair.pm)
+    wait_state(pair.pm, "replicating")
+    return took
+
+
+def part_rate(pair: Pair, rounds: int) -> dict:
+    out = {"replfs_s": [], "nbdcopy_s": []}
+    for i in range(rounds):
+        for name, fn in (("replfs_s", resync_round), ("nbdcopy_s", nbdcopy_round)):
+            pair.checkpoint()
+            took = fn(pair)
+            out[name].append(took)
+            print(f"  round {i + 1}: {name[:-2]:8} {took:6.2f} s  "
+                  f"{human(pair.size / took)}/s", flush=True)
+    return out
+
+
+def part_restart(pair: Pair, seconds: int) -> dict:
+    log_prefix = os.path.join(pair.base, "fio")
+    fio = subprocess.Popen(
+        ["fio", "--name=w", f"--filename={os.path.join(pair.pm, 'd')}", "--rw=randwrite",
+         "--bs=4k", "--ioengine=psync", "--time_based", f"--runtime={seconds}",
+         f"--size={pair.size}", f"--write_iops_log={log_prefix}", "--log_avg_msec=250",
+         "--output-format=json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.perf_counter()
+    marks = {}
+    time.sleep(seconds / 4)
+    pair.kill_secondary()
+    marks["killed"] = time.perf_counter() - t0
+    time.sleep(max(0.0, seconds / 2 - (time.perf_counter() - t0)))
+    pair.start_secondary()
+    marks["restarted"] = time.perf_counter() - t0
+    wait_state(pair.pm, "syncing", 60) if status(pair.pm)["state"] == "degraded" else None
+    marks["syncing"] = time.perf_counter() - t0
+    wait_state(pair.pm, "replicating", 600)
+    marks["replicating"] = time.perf_counter() - t0
+    fio.communicate(timeout=seconds + 120)
+    iops = _iops_by_phase(f"{log_prefix}_iops.1.log", marks, seconds)
+    pair.checkpoint()
+    same = open(pair.pimg, "rb").read() == open(pair.simg, "rb").read()
+    return {"marks_s": marks, "restart_to_replicating_s": marks["replicating"] - marks["restarted"],
+            "iops": iops, "images_equal": same}
+
+
+def _iops_by_phase(path: str, marks: dict, seconds: int) -> dict:
+    phases = {"before the kill": (0, marks["killed"]),
+              "degraded": (marks["killed"], marks["restarted"]),
+              "syncing": (marks["restarted"], marks["replicating"]),
+              "after": (marks["replicating"], seconds)}
+    samples = []
+    with open(path) as f:
+        for line in f:
+            ms, value = line.split(",")[:2]
+            samples.append((int(ms) / 1000, int(value)))
+    out = {}
+    for name, (a, b) in phases.items():
+        vals = [v for t, v in samples if a <= t < b]
+        out[name] = round(statistics.mean(vals)) if vals else None
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--fio-seconds", type=int, default=20)
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+    size = parse_size(args.size)
+    base = tempfile.mkdtemp(prefix="replfs-bench-resync-", dir=args.dir)
+    pair = Pair(base, size)
+    result = {"size": size}
+    try:
+        pair.start_secondary()
+        pair.start_primary()
+        print(f"1. resync rate, {human(size)} of dirty clusters (resync --full) "
+              f"against nbdcopy into the same server", flush=True)
+        rate = part_rate(pair, args.rounds)
+        r, n = statistics.median(rate["replfs_s"]), statistics.median(rate["nbdcopy_s"])
+        result["rate"] = {**rate, "replfs_bytes_per_s": size / r, "nbdcopy_bytes_per_s": size / n,
+                          "ratio": n / r}
+        print(f"  median: replfs {human(size / r)}/s, nbdcopy {human(size / n)}/s, "
+              f"ratio {n / r:.2f}", flush=True)
+        print(f"2. secondary killed and restarted under fio (4 KiB randwrite QD1, "
+              f"{args.fio_seconds} s)", flush=True)
+        restart = part_restart(pair, args.fio_seconds)
+        result["restart"] = restart
+        print(f"  restart -> replicating: {restart['restart_to_replicating_s']:.2f} s; "
+              f"images equal after a checkpoint: {restart['images_equal']}")
+        print("  fio IOPS: " + ", ".join(f"{k} {v}" for k, v in restart["iops"].items()))
+    finally:
+        pair.close()
+        shutil.rmtree(base, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
