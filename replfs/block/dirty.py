@@ -64,6 +64,9 @@ class DirtyRecord:
         self.suspect = ClusterBitmap(self.nclusters)
         #: The bits changed since they were last persisted.
         self.changed = False
+        #: Some cluster is dirty or suspect (a plain attribute: the mirror
+        #: reads it on every write).
+        self.nonempty = self.bits.count > 0
         #: Bumped by every mark: a resync clears what it copied only if no
         #: mark came between the copy and the peer's flush.
         self.marks = 0
@@ -91,12 +94,12 @@ class DirtyRecord:
         if length:
             c0, c1 = self.outward(offset, length)
             self.bits.set_range(c0, c1)
-            self.changed = True
+            self.changed = self.nonempty = True
             self.marks += 1
 
     def mark_all(self) -> None:
         self.bits.set_range(0, self.nclusters)
-        self.changed = True
+        self.changed = self.nonempty = True
         self.marks += 1
 
     def suspect_extents(self, extents, extent_size: int = EXTENT_SIZE) -> None:
@@ -106,6 +109,7 @@ class DirtyRecord:
             if a < self.size:
                 c0, c1 = self.outward(a, min(extent_size, self.size - a))
                 self.suspect.set_range(c0, c1)
+                self.nonempty = True
 
     def clear(self, c0: int, c1: int) -> None:
         """Clusters ``[c0, c1)`` are equal on both sides now."""
@@ -113,6 +117,7 @@ class DirtyRecord:
             self.bits.clear_range(c0, c1)
             self.suspect.clear_range(c0, c1)
             self.changed = True
+            self.nonempty = bool(self.bits.count or self.suspect.count)
 
     def clear_covered(self, offset: int, length: int) -> None:
         """A write covering these bytes reached both sides."""
@@ -174,6 +179,19 @@ class ActivityLog:
     def extents(self, offset: int, length: int) -> range:
         return range(offset >> self._shift, (offset + max(length, 1) - 1 >> self._shift) + 1)
 
+    def try_begin(self, offset: int, length: int) -> bool:
+        """The fast path of :meth:`begin`, without a coroutine: True (and the
+        write counted) if every extent it touches is hot already."""
+        e = offset >> self._shift
+        if (offset + max(length, 1) - 1) >> self._shift == e:  # one extent: most writes
+            hot = self.hot
+            if e in hot:
+                hot[e] += 1
+                hot.move_to_end(e)
+                return True
+            return False
+        return self._take(self.extents(offset, length))
+
     async def begin(self, offset: int, length: int) -> None:
         """Before a write of ``[offset, offset+length)`` reaches the image:
         returns once every extent it touches is durably in the log."""
@@ -207,7 +225,12 @@ class ActivityLog:
         return True
 
     def end(self, offset: int, length: int) -> None:
-        for e in self.extents(offset, length):
+        e = offset >> self._shift
+        last = (offset + max(length, 1) - 1) >> self._shift
+        if last == e:  # one extent: most writes
+            self.hot[e] -= 1
+            return
+        for e in range(e, last + 1):
             self.hot[e] -= 1
 
     async def _commit(self) -> None:

@@ -111,7 +111,7 @@ class Mirror(BlockNode):
         peer did not get goes into the dirty record."""
         async with self.order.exclusive(offset, offset + length):
             al = self.al
-            if al is not None:
+            if al is not None and not al.try_begin(offset, length):
                 await al.begin(offset, length)  # logged before it reaches the image
             try:
                 await call(self.local)
@@ -120,7 +120,7 @@ class Mirror(BlockNode):
                 rec = self.record
                 if await self._to_peer(what, call):
                     self.bytes_replicated += length
-                    if rec is not None and (rec.bits.count or rec.suspect.count):
+                    if rec is not None and rec.nonempty:
                         rec.clear_covered(offset, length)
                 elif rec is not None:
                     rec.mark(offset, length)

@@ -251,11 +251,16 @@ class PrimaryController(Controller):
         self.reconnect_error = None
         if control is not None:
             self._nursery.start_soon(self._watch, session)
-        if self._total_out_of_sync() == 0:
-            await self._sync_done(session)
-            return
-        if control is not None:
-            await control.call({"op": "sync-start", "total_bytes": self._total_out_of_sync()})
+        try:
+            if self._total_out_of_sync() == 0:
+                await self._sync_done(session)
+                return
+            if control is not None:
+                await control.call({"op": "sync-start",
+                                    "total_bytes": self._total_out_of_sync()})
+        except (BlockError, ReplfsError) as exc:  # the link died right away
+            self.peer_failed(next(iter(self.disks.values())), f"connect: {exc}")
+            raise
         self._nursery.start_soon(self._resync, session)
 
     async def _handshake(self, session: Session) -> dict:
