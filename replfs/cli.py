@@ -13,6 +13,7 @@ input and 1 for a failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -21,12 +22,16 @@ import stat
 import subprocess
 import sys
 
+from replfs import __version__
 from replfs.config import DiskConfig, MountConfig, PeerConfig
 from replfs.errors import ReplfsError, UsageError
 from replfs.units import parse_size
 
 EXIT_FAIL = 1
 EXIT_USAGE = 2
+
+#: Longest disk name, in bytes (a file name in the mount, an NBD export name).
+MAX_NAME = 200
 
 
 # -- parsing and checking input ------------------------------------------------
@@ -44,8 +49,12 @@ def parse_disks(specs: list[str]) -> tuple[DiskConfig, ...]:
         name, sep, image = spec.partition("=")
         if not sep or not name or not image:
             raise UsageError(f"--disk: expected NAME=IMAGE, got {spec!r}")
-        if "/" in name or name.startswith(".") or "\0" in name or len(name.encode()) > 255:
-            raise UsageError(f"--disk {spec}: the name must not contain '/' or start with '.'")
+        if any(c in name for c in "/\0\n") or name.startswith("."):
+            raise UsageError(f"--disk {spec!r}: a disk name must not contain '/', NUL or a "
+                             f"newline, nor start with '.'")
+        if len(name.encode()) > MAX_NAME:
+            raise UsageError(f"--disk: the disk name is {len(name.encode())} bytes; at most "
+                             f"{MAX_NAME} (it is a file name and an NBD export name)")
         if name in seen:
             raise UsageError(f"--disk {spec}: duplicate disk name {name!r}")
         seen.add(name)
@@ -67,6 +76,17 @@ def check_image(image: str) -> None:
         raise UsageError(f"image {image}: not a regular file or block device")
     if not os.access(image, os.R_OK | os.W_OK):
         raise UsageError(f"image {image}: not readable and writable")
+    try:
+        with open(image, "rb") as f:
+            head = f.read(4)
+            size = f.seek(0, os.SEEK_END)
+    except OSError as exc:
+        raise UsageError(f"image {image}: {exc.strerror}") from None
+    if size == 0:
+        raise UsageError(f"image {image}: is empty (0 bytes); a disk needs a size")
+    if head == b"QFI\xfb":
+        raise UsageError(f"image {image}: is a qcow2 image; replfs serves raw images "
+                         f"(qemu-img convert -O raw {image} IMAGE.raw)")
 
 
 def clear_dead_mount(mount: str) -> bool:
@@ -107,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="replfs",
         description="Replicated VM disks (COLO block replication) served as files through FUSE.")
+    p.add_argument("--version", action="version", version=f"replfs {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def mount_args(sp):
@@ -191,8 +212,10 @@ def mount_config(args) -> MountConfig:
     if not 0 < args.timeout < float("inf"):
         raise UsageError("--timeout must be a finite positive number of seconds")
     meta_dir = os.path.abspath(args.meta_dir) if args.meta_dir else None
+    log_file = os.path.abspath(args.log) if args.log else None
     common = dict(role=args.command, mount=os.path.abspath(args.mount), disks=disks,
-                  timeout=args.timeout, inject_faults=args.inject_faults, meta_dir=meta_dir)
+                  timeout=args.timeout, inject_faults=args.inject_faults, meta_dir=meta_dir,
+                  log=log_file)
     if args.command == "primary":
         if not 0 < args.reconnect_interval < float("inf"):
             raise UsageError("--reconnect-interval must be a finite positive number of seconds")
@@ -228,6 +251,8 @@ def cmd_mount(args) -> int:
 def run_foreground(cfg: MountConfig, verbose: bool, fd: int | None) -> int:
     from replfs import daemon
 
+    if cfg.log and not _stderr_is(cfg.log):  # -f on a terminal: no file to reopen
+        cfg = dataclasses.replace(cfg, log=None)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format=f"%(asctime)s replfs-{cfg.role}[%(process)d] %(name)s: %(message)s")
@@ -257,10 +282,19 @@ def run_foreground(cfg: MountConfig, verbose: bool, fd: int | None) -> int:
     return 0
 
 
+def _stderr_is(path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(2), os.stat(path))
+    except OSError:
+        return False
+
+
 def spawn_background(cfg: MountConfig, log: str | None, cli_argv: list[str]) -> int:
     """Run this same command with ``-f`` in a new session; wait for "ready"."""
     log_path = log or f"/tmp/replfs-{cfg.role}-{os.path.basename(cfg.mount)}.log"
     argv = [sys.executable, "-m", "replfs", *cli_argv, "-f"]
+    if not log:  # the daemon reopens it on SIGHUP: it must know its name
+        argv += ["--log", log_path]
     rfd, wfd = os.pipe()
     argv += ["--ready-fd", str(wfd)]
     with open(log_path, "ab") as logf:
@@ -391,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `replfs status | head`: the reader went away
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return EXIT_USAGE
 
 

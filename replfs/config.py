@@ -40,6 +40,7 @@ class MountConfig:
     reconnect_interval: float = 5.0       # primary: longest wait between reconnect tries
     resync_rate: float | None = None      # primary: bytes/s cap of a resync (None: no cap)
     allow_degraded_start: bool = False    # primary: start without a reachable secondary
+    log: str | None = None                # the log file, reopened on SIGHUP (None: stderr)
 
     @property
     def images(self) -> dict[str, str]:

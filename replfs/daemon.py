@@ -5,6 +5,8 @@ listen on NBD; on the primary, connect to every export and compare sizes;
 then mount with FUSE, and only then tell the waiting parent "ready" (so
 ``replfs primary ...`` returns once replication is set up, like sshfs).
 
+SIGHUP reopens the log file (logrotate); it does not unmount.
+
 Shut-down (``fusermount3 -u``, ``umount``, SIGTERM, SIGINT): the FUSE loop
 ends, the images are flushed, NBD is disconnected cleanly (DISC), the
 graph is closed and the overlays' scratch files are removed, exit 0.
@@ -19,6 +21,7 @@ lives.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import pyfuse3
@@ -53,7 +56,8 @@ def fuse_options(role: str) -> set[str]:
     return opts
 
 
-async def _serve_fuse(ops: ReplfsOps, mount: str, role: str, ready, nursery) -> None:
+async def _serve_fuse(ops: ReplfsOps, mount: str, role: str, ready, nursery,
+                      log_file: str | None = None) -> None:
     pyfuse3.init(ops, mount, fuse_options(role))
     if fastwait.install(fastwait.find_session_fd()):
         raw.set_contention_probe(fastwait.requests_waiting)
@@ -61,20 +65,42 @@ async def _serve_fuse(ops: ReplfsOps, mount: str, role: str, ready, nursery) -> 
         log.warning("the stock pyfuse3 request wait is used (slower): %s",
                     fastwait.statistics()["reason"])
     try:
-        nursery.start_soon(_signals)
+        nursery.start_soon(_signals, log_file)
         ready()
         await pyfuse3.main(min_tasks=MAX_TASKS, max_tasks=MAX_TASKS)
     finally:
         pyfuse3.close(unmount=True)
 
 
-async def _signals() -> None:
+async def _signals(log_file: str | None) -> None:
+    """SIGTERM, SIGINT: unmount.  SIGHUP (logrotate): reopen the log file."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
         async for signum in sigs:
+            if signum == signal.SIGHUP:
+                reopen_log(log_file)
+                continue
             log.info("signal %s: unmounting", signal.Signals(signum).name)
             fastwait.request_exit()
             pyfuse3.terminate()
             return
+
+
+def reopen_log(path: str | None) -> None:
+    """Point stdout and stderr (where the log goes) at ``path`` anew, so a
+    rotated log file is let go; without a file (``-f`` on a terminal) there is
+    nothing to reopen."""
+    if path is None:
+        log.info("SIGHUP: logging to stderr, no log file to reopen")
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        log.error("SIGHUP: cannot reopen the log %s: %s", path, exc.strerror)
+        return
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+    log.info("SIGHUP: log reopened (%s)", path)
 
 
 async def run_secondary(cfg: MountConfig, ready) -> None:
@@ -113,7 +139,7 @@ async def run_secondary(cfg: MountConfig, ready) -> None:
             log.info("secondary: NBD on %s, overlays in %s, state %s", ctl.listen,
                      graph.workdir, ctl.state)
             await _serve_fuse(ops, cfg.mount, "secondary",
-                              lambda: ready(ctl.listen), nursery)
+                              lambda: ready(ctl.listen), nursery, cfg.log)
             nursery.cancel_scope.cancel()
     finally:
         await ctl.shutdown()
@@ -171,7 +197,7 @@ async def run_primary(cfg: MountConfig, ready) -> None:
                 if not cfg.allow_degraded_start:
                     raise
                 ctl.start_degraded(ctl.last_error)
-            await _serve_fuse(ops, cfg.mount, "primary", lambda: ready(None), nursery)
+            await _serve_fuse(ops, cfg.mount, "primary", lambda: ready(None), nursery, cfg.log)
             # Unmounted: flush and say goodbye while the NBD clients' tasks
             # (in the controller's nursery) still run; then stop the rest.
             with trio.CancelScope(shield=True):

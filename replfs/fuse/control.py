@@ -4,7 +4,8 @@
 ``write()`` returns once it is done; a refused or failed action fails the
 ``write()`` with the action's errno and the reason in the status file's
 ``action_error`` (and ``last_error``, unless that keeps why a primary
-degraded).  Accepted values: ``1 y yes true on now`` or the action's
+degraded).  A value that means nothing goes to ``action_error`` only: a typo
+never hides the last real error.  Accepted values: ``1 y yes true on now`` or the action's
 own name (case and surrounding white space ignored), and for three actions
 an argument instead: ``failover`` takes ``force``, ``resync`` takes
 ``full``, ``connect`` takes ``HOST:PORT`` (another secondary).
@@ -53,8 +54,8 @@ async def run(controller, action: str, value: bytes) -> None:
     """Run ``action`` for a write of ``value``; errors as ``FUSEError``."""
     try:
         args = parse(action, value)
-    except UsageError as exc:
-        controller.record_refusal(str(exc))
+    except UsageError as exc:  # a typo: said in action_error, not over a real error
+        controller.action_error = str(exc)
         raise pyfuse3.FUSEError(errno.EINVAL) from None
     try:
         await controller.run_action(action, *args)

@@ -173,6 +173,8 @@ class ReplfsOps(pyfuse3.Operations):
     # -- files --------------------------------------------------------------
     async def open(self, inode, flags, ctx):
         if inode in self.by_inode:
+            if flags & os.O_TRUNC:  # a disk has a fixed size (truncate() is refused too)
+                raise pyfuse3.FUSEError(errno.EPERM)
             return pyfuse3.FileInfo(fh=inode, keep_cache=True)
         if inode in self.ctl_inodes:
             if flags & os.O_ACCMODE == os.O_RDONLY:

@@ -4,11 +4,13 @@ nothing left mounted or running."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import pytest
 
 from tests.conftest import MiB, make_image, replfs_cmd
+from tests.integration.test_replication import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +42,8 @@ def mnt(tmp_path):
     ("=x.img", "NAME=IMAGE"),
     ("a/b={img}", "'/'"),
     (".hidden={img}", "'/'"),
+    ("a\nb={img}", "newline"),
+    ("x" * 201 + "={img}", "at most 200"),
     ("d=/nonexistent/x.img", "No such file"),
     ("d={dir}", "directory"),
 ])
@@ -111,3 +115,44 @@ def test_size_mismatch_and_unknown_export(pair, tmp_path):
 def test_actions_on_a_non_mount(tmp_path):
     fails("checkpoint", tmp_path, status=2, says=["not a replfs mount"])
     fails("status", tmp_path, status=2, says=["not a replfs mount"])
+
+
+def test_empty_and_qcow2_images_are_refused(tmp_path, mnt):
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    fails("secondary", mnt, "--listen", "127.0.0.1:0", "--disk", f"d={empty}",
+          says=["empty", "0 bytes"])
+    qcow = tmp_path / "q.qcow2"
+    qcow.write_bytes(b"QFI\xfb" + bytes(MiB - 4))
+    fails("primary", mnt, "--secondary", "127.0.0.1:1", "--disk", f"d={qcow}",
+          says=["qcow2", "qemu-img convert"])
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_timeout_must_be_finite_and_positive(img, mnt, value):
+    fails("secondary", mnt, "--listen", "127.0.0.1:0", "--disk", f"d={img}",
+          "--timeout", value, says=["--timeout"])
+
+
+def test_version():
+    r = replfs_cmd("--version")
+    assert r.stdout.strip().startswith("replfs ") and r.stdout.strip()[7:8].isdigit()
+
+
+def test_sighup_reopens_the_log_and_keeps_the_mount(pair, tmp_path):
+    pair.images({"disk0": MiB})
+    pair.start_secondary()
+    s = pair.secondary
+    log = s.log
+    rotated = f"{log}.1"
+    os.rename(log, rotated)
+    os.kill(s.status()["pid"], signal.SIGHUP)
+    wait_for(lambda: os.path.exists(log), what="the log to be reopened")
+    assert s.status()["state"] == "replicating"       # still mounted and serving
+
+    def text(path):
+        with open(path) as f:
+            return f.read()
+
+    wait_for(lambda: "SIGHUP: log reopened" in text(log), what="the reopen to be logged")
+    assert "unmounting" not in text(rotated) + text(log)

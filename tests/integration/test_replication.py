@@ -340,10 +340,16 @@ def test_control_files_and_fixed_namespace(pair):
         with pytest.raises(OSError) as e:
             open(m.ctl("status"), "wb")
         assert e.value.errno == errno.EACCES
+        before = m.status()["last_error"]
         with pytest.raises(OSError) as e:
             m.action("checkpoint", b"banana\n")
         assert e.value.errno == errno.EINVAL
-        assert "unknown value" in m.status()["last_error"]
+        assert "unknown value" in m.status()["action_error"]
+        assert m.status()["last_error"] == before  # a typo hides no real error
+        with pytest.raises(OSError) as e:  # O_TRUNC on a disk: refused, data kept
+            os.close(os.open(f, os.O_WRONLY | os.O_TRUNC))
+        assert e.value.errno == errno.EPERM
+        assert os.path.getsize(f) == 4 * MiB
     assert s.status()["listen"].startswith("127.0.0.1:")
     assert s.status()["checkpoints"] == 0
 
