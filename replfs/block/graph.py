@@ -63,7 +63,7 @@ CLUSTER_SIZE = 64 * 1024
 def open_image(image: str, name: str, faults: str | None = None) -> BlockNode:
     """A disk image, with injected faults below everything (tests, like
     QEMU's blkdebug) when ``faults`` is a fault spec ("" = none yet)."""
-    node: BlockNode = RawImage(image, name=name)
+    node: BlockNode = RawImage(image, name=name, lock=True)
     if faults is not None:
         node = FaultLayer(node, faults)
     return node

@@ -65,6 +65,7 @@ import trio
 from replfs.block.base import BlockNode
 from replfs.core import iothreads
 from replfs.core.counters import Counters
+from replfs.core.imagelock import lock_image
 from replfs.errors import BlockError
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -176,7 +177,11 @@ class RawImage(BlockNode):
         read_only: bool = False,
         name: str | None = None,
         inline_max: int = INLINE_MAX,
+        lock: bool = False,
     ):
+        """``lock``: take QEMU's image locks (``replfs.core.imagelock``): a
+        served image is refused to other writers, and replfs refuses one
+        that QEMU or another replfs writes."""
         self.path = os.fspath(path)
         self.name = name or os.path.basename(self.path) or self.path
         self.read_only = read_only
@@ -187,10 +192,15 @@ class RawImage(BlockNode):
         except OSError as e:
             raise BlockError.from_oserror(e, f"{self.name}: open {self.path}") from None
         try:
+            if lock and not read_only:
+                lock_image(self._fd, self.path)
             self.size = os.lseek(self._fd, 0, os.SEEK_END)
         except OSError as e:
             os.close(self._fd)
             raise BlockError.from_oserror(e, f"{self.name}: size of {self.path}") from None
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._closed = False
         self._threads = 0
         self._punch_ok = True

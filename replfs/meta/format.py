@@ -319,7 +319,8 @@ def _lock(fd: int, path: str) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise MetaError(f"{path}: in use (locked by another open)") from None
+            raise MetaError(f"{path}: in use: another replfs daemon serves this image "
+                            f"(its metadata is locked)") from None
         raise
 
 

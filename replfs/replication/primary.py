@@ -146,7 +146,7 @@ class PrimaryController(Controller):
         loop looks for the secondary.  Call it once ``run()`` has started."""
         self.stage = D
         self.record_error(reason)
-        self._nursery.start_soon(self._diverged)
+        self._spawn(self._diverged)
         self._poke()
 
     # -- the background: watchdog, reconnects, follow-ups ---------------------------
@@ -205,6 +205,16 @@ class PrimaryController(Controller):
     def _poke(self) -> None:
         self._wake.set()
 
+    def _spawn(self, fn, *args) -> None:
+        """Start a background task, unless the background is stopping (the
+        daemon goes away: nothing more to do)."""
+        if self._nursery is None:
+            return
+        try:
+            self._nursery.start_soon(fn, *args)
+        except RuntimeError:  # the nursery is closing
+            log.debug("not started (stopping): %s", getattr(fn, "__name__", fn))
+
     async def connect_at_start(self) -> None:
         """The first connection, before the mount goes live: the secondary
         must be reachable (``PeerUnavailable`` otherwise) and agree."""
@@ -250,7 +260,7 @@ class PrimaryController(Controller):
         self.enter(Y)
         self.reconnect_error = None
         if control is not None:
-            self._nursery.start_soon(self._watch, session)
+            self._spawn(self._watch, session)
         try:
             if self._total_out_of_sync() == 0:
                 await self._sync_done(session)
@@ -261,7 +271,7 @@ class PrimaryController(Controller):
         except (BlockError, ReplfsError) as exc:  # the link died right away
             self.peer_failed(next(iter(self.disks.values())), f"connect: {exc}")
             raise
-        self._nursery.start_soon(self._resync, session)
+        self._spawn(self._resync, session)
 
     async def _handshake(self, session: Session) -> dict:
         control = session.control
@@ -381,8 +391,8 @@ class PrimaryController(Controller):
         session, self.session = self.session, None
         if session is not None:
             session.abort()
-        if stage in (D, F) and self._nursery is not None:
-            self._nursery.start_soon(self._diverged)
+        if stage in (D, F):
+            self._spawn(self._diverged)
         self._poke()
 
     async def _diverged(self) -> None:
@@ -499,7 +509,7 @@ class PrimaryController(Controller):
         if session.control is not None:
             await session.control.call({"op": "sync-start",
                                         "total_bytes": self._total_out_of_sync()})
-        self._nursery.start_soon(self._resync, session)
+        self._spawn(self._resync, session)
 
     async def _disconnect(self) -> None:
         if self._resync_scope is not None:
