@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -90,25 +89,11 @@ def check_image(image: str) -> None:
 
 
 def clear_dead_mount(mount: str) -> bool:
-    """A replfs mount whose daemon died (access fails with ENOTCONN or
-    ECONNABORTED; fusermount3's auto_unmount can miss it when the kernel is
-    still tearing the connection down): unmount it, lazily.  True if it did."""
-    try:
-        os.listdir(mount)  # (stat may still answer from the kernel's cache)
+    """A replfs mount whose daemon died: unmount it (lazily).  True if it did."""
+    from replfs.fuse.watcher import unmount_if_dead
+
+    if not unmount_if_dead(os.path.realpath(mount)):
         return False
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
-            return False
-    path = os.path.realpath(mount)
-    try:
-        with open("/proc/self/mounts") as f:
-            ours = any(line.split()[1] == path and line.split()[2] == "fuse.replfs"
-                       for line in f)
-    except OSError:
-        return False
-    if not ours:
-        return False
-    subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
     print(f"replfs: {mount}: removed the mount of a replfs daemon that died", file=sys.stderr)
     return True
 

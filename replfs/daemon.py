@@ -11,7 +11,8 @@ Shut-down (``fusermount3 -u``, ``umount``, SIGTERM, SIGINT): the FUSE loop
 ends, the images are flushed, NBD is disconnected cleanly (DISC), the
 graph is closed and the overlays' scratch files are removed, exit 0.
 ``auto_unmount`` makes fusermount3 remove the mount if the daemon dies
-without doing this.
+without doing this, and :mod:`replfs.fuse.watcher` covers the case where
+fusermount3 misses it.
 
 The graphs are built in :mod:`replfs.block.graph`, the replication state is
 the controllers' (:mod:`replfs.replication`); this module only orders their
@@ -32,6 +33,7 @@ from replfs.block.graph import PrimaryGraph, SecondaryGraph
 from replfs.config import MountConfig
 from replfs.errors import ReplfsError
 from replfs.fuse import fastwait
+from replfs.fuse import watcher as watcher_mod
 from replfs.fuse.ops import ReplfsOps
 from replfs.meta.paths import workdir_path
 from replfs.errors import PeerUnavailable
@@ -59,6 +61,7 @@ def fuse_options(role: str) -> set[str]:
 async def _serve_fuse(ops: ReplfsOps, mount: str, role: str, ready, nursery,
                       log_file: str | None = None) -> None:
     pyfuse3.init(ops, mount, fuse_options(role))
+    watcher = watcher_mod.start(mount)  # removes the mount if we are killed
     if fastwait.install(fastwait.find_session_fd()):
         raw.set_contention_probe(fastwait.requests_waiting)
     else:
@@ -70,6 +73,7 @@ async def _serve_fuse(ops: ReplfsOps, mount: str, role: str, ready, nursery,
         await pyfuse3.main(min_tasks=MAX_TASKS, max_tasks=MAX_TASKS)
     finally:
         pyfuse3.close(unmount=True)
+        watcher_mod.done(watcher)
 
 
 async def _signals(log_file: str | None) -> None:
