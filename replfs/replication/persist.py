@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from replfs.block.dirty import ActivityLog, DirtyRecord
 from replfs.core import iothreads
+from replfs.core.bitmap import ClusterBitmap
 from replfs.meta.format import Header, MetaFile
 from replfs.meta.paths import meta_path
 
@@ -88,10 +89,9 @@ class DiskState:
         rec.changed = False
         bits = rec.bits
         if rec.suspect.count:
-            merged = DirtyRecord(rec.size, rec.cluster_size, bits.to_bytes())
+            bits = ClusterBitmap.from_bytes(rec.nclusters, bits.to_bytes())
             for s, e in rec.suspect.set_runs():
-                merged.bits.set_range(s, e)
-            bits = merged.bits
+                bits.set_range(s, e)
         try:
             await iothreads.run(self.meta.write_bitmap, bits.to_bytes())
         except BaseException:

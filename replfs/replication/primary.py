@@ -355,7 +355,8 @@ class PrimaryController(Controller):
 
         async def digests(disk: str, offset: int, length: int) -> list[int]:
             reply = await control.call({"op": "digests", "disk": disk, "offset": offset,
-                                        "length": length})
+                                        "length": length, "cluster_size":
+                                        self.states[disk].record.cluster_size})
             return decode(reply["digests"])
 
         return digests
@@ -550,14 +551,13 @@ class PrimaryController(Controller):
                 log.error("disk %s: metadata at exit: %s", name, exc)
 
     def status(self) -> dict:
-        now = trio.current_time() if self._nursery is not None else 0.0
         return {
             **super().status(),
             "secondary": self.secondary,
             "reconnect": self.reconnect,
             "reconnect_error": self.reconnect_error,
             "generation_check": self.generation_check,
-            "sync": self.sync.status(now) if self.sync is not None else None,
+            "sync": self.sync.status(trio.current_time()) if self.sync is not None else None,
             "disks": {
                 name: {"size": d.size, "image": self.images[name], **d.statistics(),
                        **(self.states[name].status() if name in self.states else {})}

@@ -50,7 +50,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from replfs.block.gated import GatedNode
-from replfs.block.graph import SecondaryGraph
+from replfs.block.graph import SecondaryDisk, SecondaryGraph
 from replfs.core.digest import cluster_digests, encode
 from replfs.errors import BlockError
 from replfs.nbd import proto as P
@@ -101,8 +101,6 @@ class SecondaryController(Controller):
     @staticmethod
     def resume_of(states: dict[str, DiskState], workdir: str) -> dict:
         """Saved overlays of an interrupted failover, by disk (graph's ``resume``)."""
-        from replfs.block.graph import SecondaryDisk
-
         out = {}
         for name, st in states.items():
             if st.header.failover == "committing":
@@ -196,14 +194,16 @@ class SecondaryController(Controller):
         raise ControlRefused(P.NBD_REP_ERR_INVALID, f"unknown control request {op!r}")
 
     async def _digests(self, request: dict) -> list[int]:
+        """Digests of the secondary disk in the *primary's* clusters (its dirty
+        record's granularity, which this side's copy-before-write need not share)."""
         d = self.disks.get(request.get("disk"))
         offset, length = int(request.get("offset", -1)), int(request.get("length", -1))
+        cs = int(request.get("cluster_size", 0))
         if d is None or offset < 0 or not 0 < length <= MAX_DIGEST_RANGE \
-                or offset + length > d.size:
+                or offset + length > d.size or cs < 512 or cs & (cs - 1):
             raise ControlRefused(P.NBD_REP_ERR_INVALID, f"bad digest request {request!r}")
         data = await d.cbw.read(offset, length)  # the disk, consistent with copies
-        return cluster_digests(data, self.states[d.name].header.cluster_size
-                               if d.name in self.states else 65536)
+        return cluster_digests(data, cs)
 
     async def _sync_done(self, generations: dict) -> None:
         for name, g in generations.items():
