@@ -40,7 +40,13 @@ class MountConfig:
     reconnect_interval: float = 5.0       # primary: longest wait between reconnect tries
     resync_rate: float | None = None      # primary: bytes/s cap of a resync (None: no cap)
     allow_degraded_start: bool = False    # primary: start without a reachable secondary
+    discard_my_data: bool = False         # secondary: its own writes give way to the primary
     log: str | None = None                # the log file, reopened on SIGHUP (None: stderr)
+    tls_dir: str | None = None            # X.509 credentials, QEMU's layout (None: no TLS)
+    tls_hostname: str | None = None       # primary: check the secondary's certificate name
+    insecure: bool = False                # secondary: plain NBD on a non-loopback address
+    allow: tuple[str, ...] | None = None  # secondary: networks that may connect (None: any)
+    pid_file: str | None = None           # the daemon's pid, once the mount is live
 
     @property
     def images(self) -> dict[str, str]:

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
-      qemu-utils libnbd-bin python3-libnbd nbdkit fio e2fsprogs util-linux)
+      qemu-utils libnbd-bin python3-libnbd nbdkit fio e2fsprogs util-linux openssl)
 
 missing=()
 for p in "${DEBS[@]}"; do
@@ -23,7 +23,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-if ! .venv/bin/python -c 'import replfs, pyfuse3, trio, xxhash, rich, pytest, hypothesis, pytest_timeout' 2>/dev/null; then
+if ! .venv/bin/python -c 'import replfs, pyfuse3, trio, xxhash, rich, prometheus_client, pytest, hypothesis, pytest_timeout' 2>/dev/null; then
     echo "setup: installing Python packages into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 fi

@@ -298,6 +298,8 @@ class Pair:
     async def connect(self, target: str, nursery) -> LinkSession:
         if not self.reachable:
             raise PeerUnavailable("the secondary is not reachable")
+        if self.secondary_down:  # a dead daemon answers nobody
+            raise PeerUnavailable("the secondary is down: connection refused")
         session = LinkSession(self, plain=self.plain)
         self.sessions.append(session)
         return session
@@ -357,6 +359,7 @@ class Pair:
             st.meta.close()
         for d in self.sgraph.disks.values():
             close_graph([d.view, d.export])
+        self.sgraph.drop_locks()
 
     def crash_primary(self) -> None:
         """The primary daemon dies: background stopped, sessions cut, files left."""

@@ -23,6 +23,12 @@ atomic for all disks.  The graph owns its nodes and closes them with
 :func:`~replfs.block.base.close_graph`; the secondary's overlays are scratch
 files in the workdir, removed when the graph closes.
 
+A secondary holds ``WORKDIR/NAME.lock`` (flock, exclusive, its pid written
+in it) for each disk *before* it creates, truncates or reopens the disk's
+overlays there, and until it has removed them: a second secondary given the
+same workdir and disk name (whatever its image) is refused with the holder's
+pid instead of truncating the first one's hidden overlay.
+
 What the nodes *do* in each replication stage is not decided here: the
 controllers configure the enforcement points (the gated nodes' refusals,
 the mirror's peer edge) from ``replication/stage.py``.
@@ -41,6 +47,7 @@ nothing is emptied before it was written.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 from collections.abc import Mapping
@@ -54,10 +61,53 @@ from replfs.block.mirror import Mirror, PeerErrorHook
 from replfs.block.overlay import Overlay
 from replfs.block.raw import RawImage
 from replfs.core import iothreads
+from replfs.errors import ReplfsError
 from replfs.jobs.commit import commit
 from replfs.meta.paths import workdir_path
 
 CLUSTER_SIZE = 64 * 1024
+
+
+class WorkdirLocked(ReplfsError):
+    """Another daemon uses a disk's overlays in the same workdir."""
+
+
+def lock_workdir(workdir: str, name: str) -> int:
+    """Hold ``WORKDIR/NAME.lock`` for this process; returns its fd (close it
+    after :func:`unlock_workdir`).  Raises :class:`WorkdirLocked` naming the
+    holder when another open file holds it."""
+    path = os.path.join(workdir, f"{name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise WorkdirLocked(f"workdir {workdir}: the overlays of disk {name} are in use "
+                                f"by {holder or 'another replfs daemon'}; give each "
+                                f"secondary its own --workdir") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder unlinked meanwhile
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"replfs daemon pid {os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def unlock_workdir(workdir: str, name: str, fd: int) -> None:
+    try:
+        os.unlink(os.path.join(workdir, f"{name}.lock"))
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def open_image(image: str, name: str, faults: str | None = None) -> BlockNode:
@@ -166,21 +216,31 @@ class SecondaryDisk:
         await self.active.make_empty()
         await self.cbw.checkpoint()
 
-    async def failover(self) -> None:
+    async def failover(self, top: BlockNode | None = None) -> None:
         """Commit hidden, then active, into the disk and pivot the view onto
-        it.  The caller holds the gate and the export refuses writes."""
+        it (or onto ``top``, a node over the disk that records the VM's
+        writes from now on).  The caller holds the gate and the export
+        refuses writes."""
         if self.failed_over:
             return
         await commit(self.hidden)                 # disk := snapshot
         await commit(self.active, into=self.disk)  # disk := view
-        self.view.replace_child(self.disk)
+        self.view.replace_child(top or self.disk)
         self.failed_over = True
 
-    def pivot(self) -> None:
-        """The view on the disk itself (a failover done before a restart).
-        The caller holds the gate."""
-        self.view.replace_child(self.disk)
-        self.failed_over = True
+    def changed_clusters(self, cluster_size: int) -> list[tuple[int, int]]:
+        """Byte ranges (rounded out to ``cluster_size``) that hidden or active
+        hold: what the disk's failover changes against the primary's disk
+        (hidden: the primary's writes since the checkpoint, which it undoes;
+        active: the secondary VM's writes).  Before :meth:`failover`."""
+        out = []
+        for overlay in (self.hidden, self.active):
+            ocs = overlay.cluster_size
+            for s, e in overlay.bitmap.set_runs():
+                a = (s * ocs) // cluster_size * cluster_size
+                b = min(e * ocs, self.size)
+                out.append((a, b - a))
+        return out
 
     # -- the overlays kept across a crash during failover -----------------------------
     def _saved_path(self, which: str) -> str:
@@ -257,7 +317,10 @@ class SecondaryGraph:
         self.workdir = workdir
         self.gate = Gate()
         self.disks: dict[str, SecondaryDisk] = {}
+        self._locks: dict[str, int] = {}
         try:
+            for name in images:
+                self._locks[name] = lock_workdir(workdir, name)
             for name, image in images.items():
                 disk = open_image(image, f"{name}:secondary-disk", faults)
                 hook = _nothing if before_first_write is None else \
@@ -280,10 +343,20 @@ class SecondaryGraph:
     def views(self) -> dict[str, GatedNode]:
         return {name: d.view for name, d in self.disks.items()}
 
+    def drop_locks(self) -> None:
+        """Let go of the workdir locks as the death of the process would (the
+        lock files stay): for in-process crash tests."""
+        for fd in self._locks.values():
+            os.close(fd)
+        self._locks = {}
+
     def close(self, keep: frozenset[str] = frozenset()) -> None:
         """Close every disk; ``keep``: disks whose overlay files stay."""
         for name, d in self.disks.items():
             d.close(keep_files=name in keep)
+        for name, fd in self._locks.items():
+            unlock_workdir(self.workdir, name, fd)
+        self._locks = {}
         if self.remove_workdir:
             try:
                 os.rmdir(self.workdir)  # only if empty: saved bits stay

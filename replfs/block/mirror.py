@@ -83,6 +83,11 @@ class Mirror(BlockNode):
         """Seconds the oldest request to the peer has been waiting."""
         return now - min(self._inflight.values()) if self._inflight else 0.0
 
+    def set_peer_error_hook(self, hook: PeerErrorHook) -> None:
+        """Who hears of the peer's failures (a re-protect hands the mirror
+        that recorded a failed-over secondary's writes to a primary)."""
+        self._on_peer_error = hook
+
     def attach_peer(self, peer: BlockNode) -> None:
         if peer.size != self.size:
             raise ValueError(f"{self.name}: the peer's size differs from the local image's")

@@ -9,6 +9,9 @@ attacker who controls both images' content.
 
 from __future__ import annotations
 
+import base64
+import zlib
+
 import xxhash
 
 
@@ -27,3 +30,18 @@ def encode(digests: list[int]) -> str:
 
 def decode(text: str) -> list[int]:
     return [int(text[i:i + 16], 16) for i in range(0, len(text), 16)]
+
+
+def encode_bits(bits: bytes) -> str:
+    """A bitmap for a JSON message: zlib (a dirty bitmap is mostly runs of
+    zeros: 2 MiB for 1 TiB compresses to a few KiB), then base64."""
+    return base64.b64encode(zlib.compress(bytes(bits), 6)).decode("ascii")
+
+
+def decode_bits(text: str, nbytes: int) -> bytes:
+    """The bitmap :func:`encode_bits` sent; ValueError unless it is ``nbytes`` long."""
+    d = zlib.decompressobj()
+    data = d.decompress(base64.b64decode(text, validate=True), nbytes + 1)
+    if len(data) != nbytes or d.unconsumed_tail:
+        raise ValueError(f"a bitmap of {len(data)} bytes where {nbytes} were expected")
+    return data

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 import time
@@ -49,13 +50,22 @@ def done(fd: int) -> None:
         os.close(fd)
 
 
+def _unescape(field: str) -> str:
+    """/proc/self/mounts writes space, tab, newline and backslash as octal
+    escapes (\\040 ...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def replfs_mounted(path: str) -> bool:
     try:
         with open("/proc/self/mounts") as f:
-            return any(line.split()[1] == path and line.split()[2] == "fuse.replfs"
-                       for line in f)
-    except OSError:
-        return False
+            for line in f:
+                fields = line.split()
+                if fields[2] == "fuse.replfs" and _unescape(fields[1]) == path:
+                    return True
+    except (OSError, IndexError):
+        pass
+    return False
 
 
 def dead(path: str) -> bool:

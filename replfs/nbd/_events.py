@@ -11,6 +11,10 @@ path (one ``Request`` / ``Reply`` per NBD request) and safe to compare in
 tests.  ``OptInvalid`` and ``BadRequest`` exist only on the receiving side:
 a well-framed message that the server must refuse and then carry on.
 
+``OptStartTLS`` is answered with ``OptAck(NBD_OPT_STARTTLS)``; what
+follows on the stream is TLS, which the I/O layer (``tls.py``) handles: the
+core only parses the plaintext on either side of it.
+
 ``OptPrivate`` / ``PrivateReply`` are replfs's private extension, not the
 document's: one call on the control channel (``NBD_OPT_X_REPLFS``, see
 ``replfs/nbd/control.py``).  They carry raw bytes (the JSON lives above the
@@ -35,6 +39,7 @@ __all__ = [
     "OptUnknown",
     "OptInvalid",
     "OptPrivate",
+    "OptStartTLS",
     "ExportInfo",
     "ExportList",
     "OptionError",
@@ -104,6 +109,20 @@ class OptAbort:
 
 
 @dataclass(frozen=True, slots=True)
+class OptStartTLS:
+    """C->S: NBD_OPT_STARTTLS ("TLS support"; no data).
+
+    A server core recognises it only when built with ``tls=True``; otherwise
+    it arrives as an ``OptUnknown`` (a server without TLS answers it
+    NBD_REP_ERR_UNSUP).  The server answers ``OptAck(NBD_OPT_STARTTLS)``,
+    after which both ends speak TLS on the same stream and the option
+    haggling goes on inside it.
+    """
+
+    option = P.NBD_OPT_STARTTLS
+
+
+@dataclass(frozen=True, slots=True)
 class OptUnknown:
     """C->S: any option this implementation does not handle, raw."""
 
@@ -160,7 +179,8 @@ class OptionError:
 
 @dataclass(frozen=True, slots=True)
 class OptAck:
-    """S->C: a bare NBD_REP_ACK (the answer to NBD_OPT_ABORT)."""
+    """S->C: a bare NBD_REP_ACK (the answer to NBD_OPT_ABORT, or to
+    NBD_OPT_STARTTLS: TLS starts right after it)."""
 
     option: int = P.NBD_OPT_ABORT
 

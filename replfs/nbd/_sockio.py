@@ -19,6 +19,10 @@ what notices a peer host that died.  It sends with
 :meth:`FastSocket.send_cancellable`, because a call's timeout must be able to
 interrupt a send that the peer does not read; the channel is dropped
 whenever that happens, so a half-sent message does no harm.
+
+TLS (``tls.py``) is not a layer under this class: a connection that
+negotiates NBD_OPT_STARTTLS replaces its ``FastSocket`` by a ``TLSSocket``
+with the same methods, so a plain connection runs exactly this code.
 """
 
 from __future__ import annotations
@@ -126,6 +130,16 @@ class FastSocket:
         if self.sock.fileno() != -1:
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
+
+    async def wait_readable(self) -> None:
+        """Returns once a :meth:`feed` would not wait (data or end of file)."""
+        self._check_open()
+        await trio.lowlevel.wait_readable(self.sock)
+
+    def send_nowait(self, data: bytes) -> None:
+        """Best effort, never waits: whatever the kernel takes now (the
+        client's parting NBD_CMD_DISC)."""
+        self.sock.send(data)
 
     def _check_open(self) -> None:
         if self.sock.fileno() == -1:

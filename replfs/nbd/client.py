@@ -40,6 +40,11 @@ methods raise only :class:`~replfs.errors.BlockError`.
   :func:`open_connection` (connect, tune, negotiate within the timeout, map
   the failures) and :func:`greet` are shared with the control client
   (``control.py``).
+  With ``tls`` (:class:`~replfs.nbd.tls.ClientTLS`) NBD_OPT_STARTTLS is the
+  first option and its TLS handshake replaces the FastSocket by a TLSSocket
+  before anything else is said (:func:`start_tls`); a server that refuses
+  STARTTLS is left at once (no plain-text fallback: the document's answer
+  to downgrade attacks), and a certificate refused either way is EACCES.
   Requests larger than the server's maximum block size are split; features
   the server does not advertise are emulated (FUA -> write + flush,
   WRITE_ZEROES -> writes of zeroes, TRIM -> write zeroes, so a trimmed range
@@ -51,6 +56,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
+import ssl
 from contextlib import asynccontextmanager
 
 import trio
@@ -60,7 +67,11 @@ from replfs.errors import BlockError
 from replfs.nbd import proto as P
 from replfs.nbd._events import ClientFlags, ExportInfo, OptAbort, OptExportName, OptGo, OptionError  # handshake
 from replfs.nbd._events import ConnectionClosed, Disconnect, Reply, Request  # transmission
+from replfs.nbd._events import OptPrivate, PrivateReply  # replfs's private option
+from replfs.nbd._events import OptAck, OptStartTLS  # TLS
 from replfs.nbd._sockio import FastSocket, RequestStats, tune_socket
+from replfs.nbd._state import State
+from replfs.nbd.tls import describe_ssl_error, start_client_tls
 from replfs.nbd.connection import NEED_DATA, ClientConnection
 from replfs.nbd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
@@ -174,7 +185,7 @@ class NBDClient(BlockNode):
         """Best-effort NBD_CMD_DISC without waiting, then close (idempotent)."""
         if self._failure is None and not self._sending and not self._out and not self._waiters:
             try:
-                os.write(self._sock.fileno(), self._core.send(Disconnect()))
+                self._sock.send_nowait(self._core.send(Disconnect()))
             except (OSError, ProtocolError):
                 pass
         self._fail(BlockError(errno.ESHUTDOWN, f"{self.name}: client closed"))
@@ -463,7 +474,10 @@ async def _next(core: ClientConnection, sock, where: str, closed_ok: bool = Fals
 
 async def greet(sock, core: ClientConnection, where: str) -> int:
     """Read the greeting, answer with every client flag the server offers;
-    returns those flags."""
+    returns those flags.  Once done (e.g. before STARTTLS) it only returns
+    them."""
+    if core.state is not State.GREETING:
+        return core.client_flags
     greeting = await _next(core, sock, where)
     hflags = greeting.handshake_flags
     cflags = 0
@@ -475,9 +489,36 @@ async def greet(sock, core: ClientConnection, where: str) -> int:
     return cflags
 
 
-async def _negotiate(sock, core: ClientConnection, export_name: str, where: str) -> ExportInfo:
+async def _claim(sock, core: ClientConnection, claim: bytes, export_name: str, where: str) -> None:
+    """Send replfs's private option ``claim`` (an encoded control request,
+    e.g. the primary identifying itself as the export's writer) before
+    NBD_OPT_GO.  A server that does not know the option (NBD_REP_ERR_UNSUP:
+    qemu-nbd, nbdkit) is fine; any other error refuses the export."""
+    await sock.send_buffers(core.send_parts(OptPrivate(claim)))
+    ev = await _next(core, sock, where)
+    if type(ev) is PrivateReply:
+        return
+    if type(ev) is OptionError and ev.reply_type == P.NBD_REP_ERR_UNSUP:
+        return
+    if type(ev) is not OptionError:
+        raise RemoteProtocolError(f"unexpected answer to replfs's option: {ev!r}")
+    try:
+        await sock.send_buffers([core.send(OptAbort())])
+    except (OSError, trio.BrokenResourceError, ProtocolError):
+        pass
+    err = _REFUSAL_ERRNO.get(ev.reply_type, errno.EIO)
+    text = f": {ev.message}" if ev.message else ""
+    raise ExportRefusedError(
+        err, f"{where}: server refused export {export_name!r} ({ev.reply_name}){text}", ev.reply_type
+    )
+
+
+async def _negotiate(sock, core: ClientConnection, export_name: str, where: str,
+                     claim: bytes | None = None) -> ExportInfo:
     cflags = await greet(sock, core, where)
     if cflags & P.NBD_FLAG_C_FIXED_NEWSTYLE:
+        if claim is not None:
+            await _claim(sock, core, claim, export_name, where)
         await sock.send_buffers([core.send(OptGo(export_name, (P.NBD_INFO_BLOCK_SIZE,)))])
         ev = await _next(core, sock, where)
         if type(ev) is ExportInfo:
@@ -513,6 +554,8 @@ async def connect(
     *,
     nursery: trio.Nursery | None = None,
     connect_timeout: float = 10.0,
+    claim: bytes | None = None,
+    tls=None,
 ) -> NBDClient:
     """Connect and negotiate ``export_name``; returns the :class:`NBDClient`.
 
@@ -522,11 +565,14 @@ async def connect(
 
     Raises :class:`BlockError` (ECONNREFUSED, ETIMEDOUT, ...) when the server
     cannot be reached and :class:`ExportRefusedError` (a BlockError) when it
-    refuses the export.
+    refuses the export.  With ``tls`` (a :class:`~replfs.nbd.tls.ClientTLS`)
+    the connection starts TLS before any other option and fails (EACCES,
+    EPROTONOSUPPORT) rather than go on in plain text.
     """
-    where = f"nbd://{host}:{port}/{export_name}"
+    where = f"{'nbds' if tls is not None else 'nbd'}://{host}:{port}/{export_name}"
     sock, core, info = await open_connection(
-        host, port, where, connect_timeout, lambda sock, core: _negotiate(sock, core, export_name, where)
+        host, port, where, connect_timeout, lambda sock, core: _negotiate(sock, core, export_name, where, claim),
+        tls=tls,
     )
     client = NBDClient(sock, core, info, host=host, port=port, export_name=export_name)
     if nursery is not None:
@@ -534,22 +580,56 @@ async def connect(
     return client
 
 
-async def open_connection(host: str, port: int, where: str, connect_timeout: float, negotiate):
+async def start_tls(sock, core: ClientConnection, tls, where: str):
+    """Greet, send NBD_OPT_STARTTLS as the first option and do the TLS
+    handshake; returns the :class:`~replfs.nbd.tls.TLSSocket` that replaces
+    ``sock``.  A server that refuses TLS is left (the document: a client that
+    only wants TLS SHOULD terminate the session): BlockError
+    EPROTONOSUPPORT; a failed handshake raises ``ssl.SSLError``."""
+    if not await greet(sock, core, where) & P.NBD_FLAG_C_FIXED_NEWSTYLE:
+        raise BlockError(errno.EPROTONOSUPPORT, f"{where}: the server cannot negotiate TLS "
+                                                f"(no fixed newstyle negotiation)")
+    await sock.send_buffers([core.send(OptStartTLS())])
+    ev = await _next(core, sock, where)
+    if type(ev) is OptionError:
+        text = f": {ev.message}" if ev.message else ""
+        raise BlockError(errno.EPROTONOSUPPORT, f"{where}: the server does not offer TLS "
+                                                f"({ev.reply_name}{text}); not going on in plain text")
+    if type(ev) is not OptAck:
+        raise RemoteProtocolError(f"unexpected answer to NBD_OPT_STARTTLS: {ev!r}")
+    return await start_client_tls(sock, tls, core.take_pending_bytes())
+
+
+async def open_connection(host: str, port: int, where: str, connect_timeout: float, negotiate,
+                          tls=None):
     """Connect, tune the socket and run ``await negotiate(sock, core)``, all
     within ``connect_timeout``; returns ``(sock, core, what negotiate
     returned)``.  Failures close the socket and become :class:`BlockError`
-    (what ``negotiate`` raises itself passes through)."""
+    (what ``negotiate`` raises itself passes through).  With ``tls`` (a
+    :class:`~replfs.nbd.tls.ClientTLS`) the connection starts TLS first
+    (:func:`start_tls`) and ``negotiate`` gets the TLS socket; a TLS failure
+    (a certificate refused either way) is BlockError EACCES."""
     sock = None
     try:
         with trio.fail_after(connect_timeout):
             try:
                 stream = await trio.open_tcp_stream(host, port)
+            except socket.gaierror as exc:  # its errno is an EAI_* code, not an errno
+                raise BlockError(errno.EHOSTUNREACH, f"{where}: cannot resolve "
+                                 f"{host!r}: {exc.strerror}") from exc
             except OSError as exc:
                 err = _errno_of(exc, errno.ECONNREFUSED)
                 raise BlockError(err, f"{where}: cannot connect: {os.strerror(err)}") from exc
             sock = FastSocket(stream.socket)
             tune_socket(sock)
             core = ClientConnection()
+            if tls is not None:
+                plain = sock
+                try:
+                    sock = await start_tls(sock, core, tls, where)
+                except BaseException:
+                    plain.close()
+                    raise
             result = await negotiate(sock, core)
     except trio.TooSlowError:
         if sock is not None:
@@ -558,6 +638,9 @@ async def open_connection(host: str, port: int, where: str, connect_timeout: flo
     except ProtocolError as exc:
         sock.close()
         raise BlockError(exc.errno_hint, f"{where}: handshake failed: {exc}") from exc
+    except ssl.SSLError as exc:
+        sock.close()
+        raise BlockError(errno.EACCES, f"{where}: TLS failed: {describe_ssl_error(exc)}") from exc
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         if sock is not None:
             sock.close()
@@ -571,7 +654,7 @@ async def open_connection(host: str, port: int, where: str, connect_timeout: flo
 
 
 @asynccontextmanager
-async def open_client(host: str, port: int, export_name: str = "", *, connect_timeout: float = 10.0):
+async def open_client(host: str, port: int, export_name: str = "", *, connect_timeout: float = 10.0, tls=None):
     """``async with open_client(...) as client:`` -- a connected client whose
     tasks live in a private nursery.  Leaving the block normally disconnects
     cleanly (:meth:`NBDClient.aclose`); leaving it with an exception aborts.
@@ -579,7 +662,7 @@ async def open_client(host: str, port: int, export_name: str = "", *, connect_ti
     Errors from connecting, and from the body, propagate unchanged (not
     wrapped in an exception group).
     """
-    client = await connect(host, port, export_name, connect_timeout=connect_timeout)
+    client = await connect(host, port, export_name, connect_timeout=connect_timeout, tls=tls)
     body_exc = None
     async with trio.open_nursery() as nursery:
         client.start(nursery)

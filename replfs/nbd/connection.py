@@ -31,6 +31,17 @@ keep parsing).  Transmission uses simple replies only (we never accept
 from the request it answers: both roles keep a table of requests in flight
 keyed by cookie (the document's "handle").
 
+TLS (``NBD_OPT_STARTTLS``, "TLS support"): a server core built with
+``tls=True`` turns the option into :class:`OptStartTLS` (with data:
+:class:`OptInvalid`); the server answers ``OptAck(NBD_OPT_STARTTLS)`` and
+stays in OPTIONS, and so does a client core that receives that ACK.  The
+bytes that follow are TLS records, not NBD: the I/O layer takes whatever the
+core has buffered beyond the ACK (:meth:`~_Connection.take_pending_bytes`,
+normally nothing) into its TLS object and feeds the core the decrypted
+stream from then on.  Which options need TLS first (NBD_REP_ERR_TLS_REQD)
+is the server's policy, not the core's.  Without ``tls=True`` the option is
+an :class:`OptUnknown`, byte for byte what a server without TLS does.
+
 replfs's private extension, ``NBD_OPT_X_REPLFS`` (the control channel,
 ``replfs/nbd/control.py``): a client sends :class:`OptPrivate` and reads
 :class:`PrivateReply` or :class:`OptionError`; a server built with
@@ -63,6 +74,7 @@ from replfs.nbd import proto as P
 from replfs.nbd._events import ClientFlags, ExportInfo, ExportList, Greeting, OptAck, OptionError  # handshake
 from replfs.nbd._events import OptAbort, OptExportName, OptGo, OptInfo, OptInvalid, OptList, OptUnknown  # options
 from replfs.nbd._events import OptPrivate, PrivateReply  # replfs's private extension (control.py)
+from replfs.nbd._events import OptStartTLS  # TLS (the I/O layer: tls.py)
 from replfs.nbd._events import BadRequest, ConnectionClosed, Disconnect, Reply, Request  # transmission
 from replfs.nbd._state import CLEAN_END, CLIENT, INITIAL_STATE, SERVER, State, Trigger, next_state
 from replfs.nbd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -225,6 +237,18 @@ class _Connection:
         """Unparsed bytes and whether end of file was seen (like h11)."""
         return bytes(self._buf), self._eof
 
+    def take_pending_bytes(self) -> bytes:
+        """Every byte received and not parsed yet, removed from the core.
+
+        For the switch to TLS after NBD_OPT_STARTTLS's ACK: what a peer sent
+        beyond it belongs to the TLS stream.  Only in OPTIONS, with no
+        payload being assembled."""
+        if self._state is not State.OPTIONS or self._payload is not None:
+            raise self._local_error(f"take_pending_bytes() in state {self._state.name}")
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     @property
     def in_flight(self) -> int:
         """Requests sent (client) / received (server) and not yet answered."""
@@ -316,10 +340,13 @@ class ServerConnection(_Connection):
 
     our_role = SERVER
 
-    def __init__(self, *, max_payload: int = P.MAX_BLOCK_SIZE, control: bool = False):
+    def __init__(self, *, max_payload: int = P.MAX_BLOCK_SIZE, control: bool = False, tls: bool = False):
         super().__init__(max_payload=max_payload)
-        #: Whether NBD_OPT_X_REPLFS is recognised (as OptPrivate).
+        #: Whether NBD_OPT_X_REPLFS is recognised (as OptPrivate).  The
+        #: server may switch it on later (after TLS started).
         self.control = control
+        #: Whether NBD_OPT_STARTTLS is recognised (as OptStartTLS).
+        self.tls = tls
         self.handshake_flags = 0
         self.client_flags = 0
         self.no_zeroes = False
@@ -393,6 +420,10 @@ class ServerConnection(_Connection):
             if option == P.NBD_OPT_ABORT:
                 # "a server SHOULD ignore any data sent by the client"
                 return OptAbort()
+            if option == P.NBD_OPT_STARTTLS and self.tls:
+                if data:
+                    return OptInvalid(option, "NBD_OPT_STARTTLS must not carry data")
+                return OptStartTLS()
         except ValueError as exc:
             if option == P.NBD_OPT_EXPORT_NAME:
                 # It cannot be answered with an error: terminate the session.
@@ -500,9 +531,12 @@ class ServerConnection(_Connection):
         if t is ExportList:
             return [self._send_export_list(option, event)]
         if t is OptAck:
-            if option != P.NBD_OPT_ABORT:
-                raise self._local_error("a bare ACK only answers NBD_OPT_ABORT here")
-            self._answered(Trigger.ENDED)
+            if option == P.NBD_OPT_STARTTLS and self.tls and event.option == option:
+                self._answered(Trigger.ANSWERED)  # TLS follows; still haggling
+            elif option != P.NBD_OPT_ABORT:
+                raise self._local_error("a bare ACK only answers NBD_OPT_ABORT or NBD_OPT_STARTTLS here")
+            else:
+                self._answered(Trigger.ENDED)
             return [P.OPTION_REPLY_HEADER.pack(P.OPTION_REPLY_MAGIC, option, P.NBD_REP_ACK, 0)]
         if t is PrivateReply:
             return self._send_private_reply(option, event)
@@ -830,7 +864,7 @@ class ClientConnection(_Connection):
                 + P.U16.pack(len(event.info_requests))
                 + b"".join(P.U16.pack(i) for i in event.info_requests)
             )
-        elif t is OptList or t is OptAbort:
+        elif t is OptList or t is OptAbort or t is OptStartTLS:
             data = b""
         elif t is OptUnknown:
             data = bytes(event.data)

@@ -30,8 +30,10 @@ Wire format (everything else is ordinary fixed newstyle negotiation):
 The server side is ``NBDServer(control=...)`` (``server.py``); this module
 holds the message codec both sides use and the client:
 
-``client = await open_control(host, port, connect_timeout=10.0, nursery=None)``
-    connects and does the handshake (within ``connect_timeout``); a server
+``client = await open_control(host, port, connect_timeout=10.0, nursery=None, tls=None)``
+    connects and does the handshake (within ``connect_timeout``; with
+    ``tls``, NBD_OPT_STARTTLS and the TLS handshake first, so every call
+    and answer is encrypted and the server has checked our certificate); a server
     without fixed newstyle negotiation cannot answer an unknown option, so it
     is reported as :class:`ControlUnsupported` at once.  With ``nursery`` a
     watcher task runs there that, between calls, notices the server hanging
@@ -66,6 +68,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import ssl
 from contextlib import asynccontextmanager
 from typing import Self
 
@@ -77,6 +80,7 @@ from replfs.nbd._events import ConnectionClosed, OptAbort, OptionError, OptPriva
 from replfs.nbd.client import _errno_of, greet, open_connection
 from replfs.nbd.connection import NEED_DATA, ClientConnection
 from replfs.nbd.errors import ControlRefused, ControlUnsupported, ProtocolError
+from replfs.nbd.tls import describe_ssl_error
 
 __all__ = [
     "ControlClient",
@@ -166,7 +170,11 @@ class ControlClient:
 
     def _lost(self, exc: BaseException) -> None:
         """The link broke: ETIMEDOUT when the kernel gave up on the peer
-        (keepalive, TCP_USER_TIMEOUT), else ECONNRESET."""
+        (keepalive, TCP_USER_TIMEOUT), EACCES for a TLS failure (the server
+        refusing our certificate shows here with TLS 1.3), else ECONNRESET."""
+        if isinstance(exc, ssl.SSLError):  # e.g. the server refused our certificate
+            self._fail(BlockError(errno.EACCES, f"{self.name}: TLS failed: {describe_ssl_error(exc)}"))
+            return
         err = errno.ETIMEDOUT if _errno_of(exc, errno.ECONNRESET) == errno.ETIMEDOUT else errno.ECONNRESET
         self._fail(BlockError(err, f"{self.name}: connection lost: {exc or type(exc).__name__}"))
 
@@ -262,7 +270,7 @@ class ControlClient:
                     if self._callers or self._failure is not None:
                         continue  # trio's lock is fair: a waiting caller goes first
                     with trio.CancelScope() as self._idle_scope:
-                        await trio.lowlevel.wait_readable(self._sock.sock)
+                        await self._sock.wait_readable()
                     self._idle_scope = None
                     if self._callers:
                         continue
@@ -321,6 +329,7 @@ async def open_control(
     *,
     connect_timeout: float = 10.0,
     nursery: trio.Nursery | None = None,
+    tls=None,
 ) -> ControlClient:
     """Connect to ``host:port`` and do the handshake; returns the
     :class:`ControlClient` (see the module's note).
@@ -328,11 +337,13 @@ async def open_control(
     Raises :class:`~replfs.errors.BlockError` (ECONNREFUSED, ETIMEDOUT, ...)
     when the server cannot be reached, :class:`ControlUnsupported` when it
     cannot negotiate options at all.  Whether it knows the control option
-    shows at the first call.
+    shows at the first call.  With ``tls`` (a
+    :class:`~replfs.nbd.tls.ClientTLS`) the connection starts TLS first, as
+    a data connection does, and every call travels inside it.
     """
-    where = f"nbd://{host}:{port} (control)"
+    where = f"{'nbds' if tls is not None else 'nbd'}://{host}:{port} (control)"
     sock, core, _ = await open_connection(
-        host, port, where, connect_timeout, lambda sock, core: _greet_fixed(sock, core, where)
+        host, port, where, connect_timeout, lambda sock, core: _greet_fixed(sock, core, where), tls=tls
     )
     client = ControlClient(sock, core, host=host, port=port)
     if nursery is not None:

@@ -55,6 +55,23 @@ The server enforces only what belongs to the transport; whether a client
 NBD_OPT_EXPORT_NAME cannot carry an error: a refused one terminates the
 session, and the message only reaches the log.
 
+Writers and read-only observers
+-------------------------------
+With ``observers=N`` (N > 0) an export has two kinds of client.  A
+*writer* is a connection that the control hook granted the role during
+option haggling (its answer carried ``"writer": true``: the replicating
+primary claims it before NBD_OPT_GO); ``max_clients_per_export``,
+``admit`` and ``on_clients_changed`` concern writers only.  Every other
+client that asks NBD_OPT_GO or NBD_OPT_EXPORT_NAME is an *observer*: it is
+admitted read-only (its transmission flags carry NBD_FLAG_READ_ONLY, its
+write commands fail with EPERM), at most N at once per export, whatever
+the writer is doing.  NBD_OPT_INFO describes the export as a writer sees
+it (writable): it only describes.  So ``qemu-img convert nbd://...`` or
+``nbdinfo`` can read the secondary disk while the primary replicates, and
+an anonymous client can never change it.  The claim identifies, it does
+not authenticate: that is TLS's and ``--allow``'s job.  With
+``observers=0`` (the default) every client is a writer, as before.
+
 The control channel (replfs's private extension)
 ------------------------------------------------
 ``control(request, peer) -> dict`` (an async callable; None by default)
@@ -83,14 +100,36 @@ carries on, so qemu-nbd and nbdkit stay usable as peers.  Without
 * No export is entered, so ``max_clients_per_export`` and ``admit`` do not
   apply; ``set_accepting(False)`` answers NBD_REP_ERR_SHUTDOWN as for any
   option, and ``close_all`` closes control connections too.
+
+TLS, and who may connect
+------------------------
+* ``tls`` (an ``ssl.SSLContext`` from :func:`replfs.nbd.tls.server_context`)
+  puts the server in the document's FORCEDTLS mode ("TLS support"): before
+  TLS, NBD_OPT_STARTTLS and NBD_OPT_ABORT are the only options answered;
+  every other one gets NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME (which
+  cannot carry an error) ends the session.  After the ACK the connection's
+  socket is replaced by a :class:`~replfs.nbd.tls.TLSSocket` (same methods:
+  the rest of this module does not know), the context requires a client
+  certificate signed by the CA, and a failed handshake closes the connection
+  with one log line.  The control option is recognised only once TLS runs, so
+  a client without a certificate cannot make the server buffer 4 MiB.
+  Without ``tls`` NBD_OPT_STARTTLS is an unknown option (NBD_REP_ERR_UNSUP):
+  nothing changes for plain connections.
+* ``allow`` (networks, ``ipaddress.ip_network`` values or strings): a
+  connection from any other address is closed at accept, before a byte is
+  sent, and logged.  None: everyone may try.
+* Every connection is logged when it is accepted and when it ends, with the
+  peer's address (and, with TLS, its certificate's CN).
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import math
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 
 import trio
@@ -101,8 +140,10 @@ from replfs.nbd import proto as P
 from replfs.nbd._events import ClientFlags, ExportInfo, ExportList, Greeting, OptAck, OptionError  # handshake
 from replfs.nbd._events import OptAbort, OptExportName, OptGo, OptInfo, OptInvalid, OptList, OptUnknown  # options
 from replfs.nbd._events import OptPrivate, PrivateReply  # replfs's private extension
+from replfs.nbd._events import OptStartTLS  # TLS
 from replfs.nbd._events import BadRequest, ConnectionClosed, Disconnect, Reply, Request  # transmission
 from replfs.nbd._sockio import FastSocket, RequestStats, tune_socket
+from replfs.nbd.tls import describe_ssl_error, start_server_tls
 from replfs.nbd.connection import NEED_DATA, PAUSED, ServerConnection
 from replfs.nbd.control import decode_message, encode_message, fit_message
 from replfs.nbd.errors import ControlRefused, RemoteProtocolError
@@ -156,6 +197,9 @@ class NBDServer:
         max_inflight: int = 64,
         handshake_timeout: float = 30.0,
         control: ControlHook | None = None,
+        tls: ssl.SSLContext | None = None,
+        allow=None,
+        observers: int = 0,
     ):
         self._exports = exports
         self.read_only = read_only
@@ -166,6 +210,14 @@ class NBDServer:
         self.max_inflight = max_inflight
         self.handshake_timeout = handshake_timeout
         self.control = control
+        #: The TLS context (FORCEDTLS), or None; see the design note.
+        self.tls = tls
+        #: Networks that may connect (None: any address).
+        self.allow = None if allow is None else tuple(ipaddress.ip_network(n, strict=False) for n in allow)
+        self.connections_refused = 0
+        self.tls_failures = 0
+        self.observers = observers
+        self._observers: dict[str, int] = {}
         self._accepting = True
         self._conns: set[_Conn] = set()
         self._clients: dict[str, int] = {}
@@ -205,10 +257,28 @@ class NBDServer:
                             await trio.sleep(0.1)
                             continue
                         raise
+                    if self.allow is not None and not self._allowed(peer):
+                        self.connections_refused += 1
+                        log.warning("nbd: %s: connection refused: address not allowed (--allow)",
+                                    _peer_text(peer))
+                        sock.close()
+                        continue
                     conn = _Conn(self, FastSocket(sock), peer)
+                    log.info("nbd: %s: connected", conn.peer)
                     self._conns.add(conn)
                     self.connections_total += 1
                     nursery.start_soon(conn.run)
+
+    def _allowed(self, peer) -> bool:
+        """Whether ``peer`` (accept()'s address) is in one of ``allow``'s
+        networks; an IPv4 client of an IPv6 listener counts as IPv4."""
+        try:
+            addr = ipaddress.ip_address(peer[0].split("%", 1)[0])
+        except (ValueError, TypeError, IndexError):
+            return False
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.allow)
 
     def set_accepting(self, accepting: bool) -> None:
         """False while the daemon shuts down: clients still negotiating get
@@ -229,8 +299,12 @@ class NBDServer:
             await conn.finished.wait()
 
     def clients(self, export_name: str) -> int:
-        """Clients in transmission on ``export_name``."""
+        """Clients in transmission on ``export_name`` (writers, with observers on)."""
         return self._clients.get(export_name, 0)
+
+    def observing(self, export_name: str) -> int:
+        """Read-only observers in transmission on ``export_name``."""
+        return self._observers.get(export_name, 0)
 
     def statistics(self) -> dict:
         return {
@@ -239,12 +313,16 @@ class NBDServer:
             "connections": len(self._conns),
             "connections_total": self.connections_total,
             "clients": dict(self._clients),
+            "observers": dict(self._observers),
             **self.stats.as_dict(),
             "protocol_errors": self.protocol_errors,
             "in_flight": sum(c.core.in_flight for c in self._conns),
             "control_connections": sum(c.controlling for c in self._conns),
             "control_calls": self.control_calls,
             "control_errors": self.control_errors,
+            "tls": self.tls is not None,
+            "tls_failures": self.tls_failures,
+            "connections_refused": self.connections_refused,
         }
 
     # -- helpers used by connections -------------------------------------------------
@@ -292,14 +370,18 @@ class NBDServer:
         node = self._lookup(ev.name)
         if node is None:
             return OptionError(P.NBD_REP_ERR_UNKNOWN, f"no export named {ev.name!r}")
+        flags = self._transmission_flags()
         if t is not OptInfo:
-            refusal = self._refusal(ev.name)
+            observer = self.observers > 0 and not conn.writer
+            refusal = self._observer_refusal(ev.name) if observer else self._refusal(ev.name)
             if refusal is not None:
                 return OptionError(P.NBD_REP_ERR_POLICY, refusal)
-            conn.enter(ev.name, node)
+            conn.enter(ev.name, node, observer=observer)
+            if observer:
+                flags |= P.NBD_FLAG_READ_ONLY
         return ExportInfo(
             node.size,
-            self._transmission_flags(),
+            flags,
             (P.MIN_BLOCK_SIZE, P.PREFERRED_BLOCK_SIZE, P.MAX_BLOCK_SIZE),
         )
 
@@ -320,7 +402,10 @@ class NBDServer:
         except ValueError as exc:
             return OptionError(P.NBD_REP_ERR_INVALID, fit_message(f"control request: {exc}"))
         try:
-            answer = encode_message(await self.control(request, conn.address))
+            reply = await self.control(request, conn.address)
+            if self.observers and reply.get("writer") is True:
+                conn.writer = True
+            answer = encode_message(reply)
         except ControlRefused as exc:
             return OptionError(exc.code, fit_message(exc.message))
         except Exception:
@@ -347,6 +432,20 @@ class NBDServer:
             log.exception("nbd: admit hook failed for export %r", name)
             return "admission check failed"
 
+    def _observer_refusal(self, name: str) -> str | None:
+        count = self._observers.get(name, 0)
+        if count >= self.observers:
+            return (f"export {name!r} already has {count} read-only observer(s) "
+                    f"(limit {self.observers})")
+        return None
+
+    def _observer_count_changed(self, name: str, delta: int) -> None:
+        count = self._observers.get(name, 0) + delta
+        if count:
+            self._observers[name] = count
+        else:
+            self._observers.pop(name, None)
+
     def _client_count_changed(self, name: str, delta: int) -> None:
         count = self._clients.get(name, 0) + delta
         if count:
@@ -360,6 +459,14 @@ class NBDServer:
                 log.exception("nbd: on_clients_changed callback failed")
 
 
+def _peer_text(peer) -> str:
+    """``host:port`` (``[v6]:port``) of accept()'s address, for the log."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = peer[0]
+        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
+    return str(peer)
+
+
 class _Conn:
     """One accepted connection."""
 
@@ -369,7 +476,13 @@ class _Conn:
         #: The client's address as accept() gave it (for the control hook).
         self.address = peer
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.core = ServerConnection(control=server.control is not None)
+        # With TLS the control option is known only once TLS runs (start_tls).
+        self.core = ServerConnection(control=server.control is not None and server.tls is None,
+                                     tls=server.tls is not None)
+        #: TLS runs on this connection (the socket is a TLSSocket).
+        self.tls_active = False
+        #: The client certificate's commonName, once TLS runs.
+        self.tls_cn: str | None = None
         #: A control call has succeeded: exempt from handshake_timeout.
         self.controlling = False
         self.handshake_scope: trio.CancelScope | None = None
@@ -379,6 +492,10 @@ class _Conn:
         self.scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
         self.read_only = server.read_only
+        #: The control hook granted this connection the writer role.
+        self.writer = False
+        #: Entered transmission as a read-only observer.
+        self.observer = False
         # output
         self.out: list = []
         self.out_bytes = 0
@@ -396,10 +513,15 @@ class _Conn:
         self.scope.cancel()
         self.sock.close()
 
-    def enter(self, name: str, node: BlockNode) -> None:
+    def enter(self, name: str, node: BlockNode, observer: bool = False) -> None:
         self.export_name = name
         self.node = node
-        self.server._client_count_changed(name, +1)
+        if observer:
+            self.observer = self.read_only = True
+            self.server._observer_count_changed(name, +1)
+            log.info("nbd: %s: read-only observer of export %r", self.peer, name)
+        else:
+            self.server._client_count_changed(name, +1)
 
     async def run(self) -> None:
         server = self.server
@@ -422,9 +544,14 @@ class _Conn:
             log.exception("nbd: %s: connection failed", self.peer)
         finally:
             self.sock.close()
+            log.info("nbd: %s: disconnected", self.who())
             server._conns.discard(self)
             if self.export_name is not None:
-                server._client_count_changed(self.export_name, -1)
+                if self.observer:
+                    server._observer_count_changed(self.export_name, -1)
+                    log.info("nbd: %s: observer of export %r left", self.peer, self.export_name)
+                else:
+                    server._client_count_changed(self.export_name, -1)
             self.finished.set()
 
     async def negotiate(self) -> bool:
@@ -497,6 +624,21 @@ class _Conn:
                 return False
             if ev is PAUSED:  # pragma: no cover - we always answer at once
                 raise AssertionError("unanswered option")
+            if t is OptStartTLS:
+                if not await self.start_tls():
+                    return False
+                continue
+            if self.server.tls is not None and not self.tls_active and t is not OptAbort:
+                # FORCEDTLS ("TLS support"); NBD_OPT_EXPORT_NAME: the core ends the session.
+                data = core.send(OptionError(P.NBD_REP_ERR_TLS_REQD,
+                                             "TLS is required: start with NBD_OPT_STARTTLS "
+                                             "(a replfs primary: --tls-dir)"))
+                if data:
+                    await self.sock.send_buffers([data])
+                if core.closed:
+                    log.info("nbd: %s: refused: NBD_OPT_EXPORT_NAME without TLS", self.peer)
+                    return False
+                continue
             if t is OptPrivate:
                 await self.sock.send_buffers(core.send_parts(await self.control_call(ev)))
                 continue
@@ -513,6 +655,31 @@ class _Conn:
                     log.info("nbd: %s: refused %r: %s", self.peer, ev.name, answer.message)
                 return False
 
+    def who(self) -> str:
+        """The peer for the log: its address, and its certificate's CN."""
+        return f"{self.peer} (CN={self.tls_cn})" if self.tls_active else self.peer
+
+    async def start_tls(self) -> bool:
+        """Answer NBD_OPT_STARTTLS: the ACK, then the TLS handshake; the
+        socket becomes a TLSSocket.  False (logged) when the handshake
+        fails: the session ends, "too late to continue without TLS"."""
+        core = self.core
+        if self.tls_active:
+            await self.sock.send_buffers([core.send(OptionError(P.NBD_REP_ERR_INVALID, "TLS is already running"))])
+            return True
+        await self.sock.send_buffers([core.send(OptAck(P.NBD_OPT_STARTTLS))])
+        try:
+            self.sock = await start_server_tls(self.sock, self.server.tls, core.take_pending_bytes())
+        except ssl.SSLError as exc:
+            self.server.tls_failures += 1
+            log.warning("nbd: %s: TLS handshake failed: %s", self.peer, describe_ssl_error(exc))
+            return False
+        self.tls_active = True
+        self.tls_cn = self.sock.peer_cn
+        core.control = self.server.control is not None
+        log.info("nbd: %s: TLS (%s), client certificate CN=%s", self.peer, self.sock.version, self.tls_cn)
+        return True
+
     async def control_call(self, ev: OptPrivate):
         """Answer one control call; the handshake timeout is off while the
         handler runs, and for good once a call has succeeded."""
@@ -520,7 +687,9 @@ class _Conn:
         deadline = scope.deadline
         scope.deadline = math.inf
         answer = await self.server._answer_control(self, ev)
-        if type(answer) is PrivateReply:
+        if type(answer) is PrivateReply and self.writer:
+            scope.deadline = deadline  # a claim: the handshake goes on to NBD_OPT_GO
+        elif type(answer) is PrivateReply:
             if not self.controlling:
                 self.controlling = True
                 log.info("nbd: %s: control connection", self.peer)

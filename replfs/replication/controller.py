@@ -21,7 +21,17 @@ replfs controller is the same idea for one mount (all its disks):
 * a controller is built from its configuration first, and its graph is
   attached afterwards (``attach``): the graph's error hooks are the
   controller's bound methods, passed at construction, so nobody patches
-  anybody's fields.
+  anybody's fields;
+* the controller owns the mount's event stream (``events``, an
+  :class:`~replfs.events.EventHub`) and publishes from these same central
+  points: :meth:`enter` (``state``), :meth:`record_error` and
+  :meth:`record_refusal` (``error``), :meth:`checkpoint_done`
+  (``checkpoint``), :meth:`note_peer` (``peer``); the subclasses add
+  ``resync`` progress and ``failover``.  Nothing is published from the data
+  path.  The timestamps (``last_checkpoint_at``, ``degraded_since``) are
+  unix seconds (float), null when not applicable; ``degraded_since`` is the
+  time since which the mount has not been both "replicating" and connected
+  to its peer.
 """
 
 from __future__ import annotations
@@ -29,9 +39,11 @@ from __future__ import annotations
 import abc
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 from replfs.errors import BlockError
+from replfs.events import EventHub
 from replfs.replication.stage import (
     TRANSITIONS,
     Op,
@@ -52,6 +64,15 @@ class Controller(abc.ABC):
         self.last_error: str | None = None
         self.action_error: str | None = None
         self.checkpoints = 0
+        #: Unix seconds of the last checkpoint this daemon ran; None before one.
+        self.last_checkpoint_at: float | None = None
+        #: Unix seconds since which the mount is not "replicating" with its peer
+        #: connected; None while it is (:meth:`_update_degraded`).
+        self.degraded_since: float | None = time.time()
+        #: Replication errors recorded (:meth:`record_error`) since the start.
+        self.errors = 0
+        self.events = EventHub(self.event_snapshot)
+        self._peer_seen = False
 
     # -- stage --------------------------------------------------------------------
     @property
@@ -81,8 +102,33 @@ class Controller(abc.ABC):
             raise RuntimeError(f"{self.role.value}: no transition {self.stage.value} -> "
                                f"{stage.value}")
         log.info("%s: %s -> %s", self.role.value, self.stage.value, stage.value)
-        self.stage = stage
+        previous, self.stage = self.stage, stage
         self._configure(stage)
+        self.note_peer()
+        self._update_degraded()
+        self.events.publish("state", state=stage.value, previous=previous.value,
+                            degraded_since=self.degraded_since, last_error=self.last_error)
+
+    def _update_degraded(self) -> None:
+        """Start or clear ``degraded_since`` after a change of the stage or peer."""
+        if self.stage is ReplicationStage.REPLICATING and self.peer_connected:
+            self.degraded_since = None
+        elif self.degraded_since is None:
+            self.degraded_since = time.time()
+
+    def note_peer(self) -> None:
+        """Publish a ``peer`` event if the peer came or went since last time
+        (called after anything that may attach or drop it)."""
+        connected = self.peer_connected
+        if connected == self._peer_seen:
+            return
+        self._peer_seen = connected
+        self._update_degraded()
+        self.events.publish("peer", peer_connected=connected, **self.peer_fields())
+
+    def peer_fields(self) -> dict:
+        """Extra fields of a ``peer`` event (e.g. the peer's address)."""
+        return {}
 
     @abc.abstractmethod
     def _configure(self, stage: ReplicationStage) -> None:
@@ -91,7 +137,9 @@ class Controller(abc.ABC):
     # -- errors -------------------------------------------------------------------
     def record_error(self, reason: str) -> None:
         self.last_error = reason
+        self.errors += 1
         log.error("%s", reason)
+        self.events.publish("error", error=reason, state=self.state)
 
     def record_refusal(self, reason: str) -> None:
         """An action failed or was refused: its reason goes to ``action_error``
@@ -100,6 +148,7 @@ class Controller(abc.ABC):
         if not self._keeps_last_error():
             self.last_error = reason
         log.warning("%s", reason)
+        self.events.publish("error", action_error=reason, state=self.state)
 
     def _keeps_last_error(self) -> bool:
         return False
@@ -108,6 +157,13 @@ class Controller(abc.ABC):
         return self.last_error
 
     # -- actions ------------------------------------------------------------------
+    def checkpoint_done(self) -> None:
+        """Count a completed checkpoint, note its time, publish it."""
+        self.checkpoints += 1
+        self.last_checkpoint_at = time.time()
+        self.events.publish("checkpoint", checkpoints=self.checkpoints,
+                            last_checkpoint_at=self.last_checkpoint_at, state=self.state)
+
     @abc.abstractmethod
     async def checkpoint(self) -> None: ...
 
@@ -152,6 +208,26 @@ class Controller(abc.ABC):
             "pid": os.getpid(),
             "peer_connected": self.peer_connected,
             "checkpoints": self.checkpoints,
+            "last_checkpoint_at": self.last_checkpoint_at,
+            "degraded_since": self.degraded_since,
+            "replication_errors": self.errors,
             "last_error": self.last_error,
             "action_error": self.action_error,
         }
+
+    def event_snapshot(self) -> dict:
+        """The fields of the event stream's ``exists`` line: the state now."""
+        return {
+            "role": self.role.value,
+            "state": self.state,
+            "peer_connected": self.peer_connected,
+            "checkpoints": self.checkpoints,
+            "last_checkpoint_at": self.last_checkpoint_at,
+            "degraded_since": self.degraded_since,
+            "last_error": self.last_error,
+            "sync": self.sync_status(),
+        }
+
+    def sync_status(self) -> dict | None:
+        """A running resync's progress (the status's ``sync``), else None."""
+        return None

@@ -47,16 +47,49 @@ class DiskState:
         self.record: DirtyRecord | None = None
         self.al: ActivityLog | None = None
         if tracking:
-            self.record = DirtyRecord(size, cluster_size, self.meta.read_bitmap())
-            old_al = self.meta.read_al() if self.crashed else []
-            if old_al:
-                self.record.suspect_extents(old_al)
-                log.warning("disk %s: the last run did not exit cleanly: %d extents of its "
-                            "activity log are compared with the secondary", name, len(old_al))
-            # The old extents stay in the log until the resync cleared them
-            # (or the bits were persisted): a second crash still finds them.
-            self.al = ActivityLog(self.meta.write_al, before_evict=self.persist_bits,
-                                  hot=old_al)
+            self.start_tracking()
+
+    def start_tracking(self) -> None:
+        """Keep a dirty record and an activity log from now on (a primary
+        from the start; a secondary from its failover on: its VM's writes are
+        what a later re-protect sends)."""
+        if self.record is not None:
+            return
+        h = self.meta.header
+        record = DirtyRecord(h.size, h.cluster_size, self.meta.read_bitmap())
+        old_al = self.meta.read_al() if self.crashed else []
+        if old_al:
+            record.suspect_extents(old_al)
+            log.warning("disk %s: the last run did not exit cleanly: %d extents of its "
+                        "activity log are compared with the peer", self.name, len(old_al))
+        self.record = record
+        # The old extents stay in the log until the resync cleared them
+        # (or the bits were persisted): a second crash still finds them.
+        self.al = ActivityLog(self.meta.write_al, before_evict=self.persist_bits,
+                              hot=old_al)
+
+    def own_changes(self) -> tuple[bytes, list[int]]:
+        """What this image changed on its own since its ``bitmap_gen``: the
+        dirty bits, and the extents a crash left in the activity log (they
+        may or may not differ).  A secondary that was a primary, or failed
+        over, hands them to its new primary, whose resync overwrites them."""
+        if self.record is not None:
+            return self.record.to_bytes(), (sorted(self.al.hot) if self.al is not None
+                                            and self.crashed else [])
+        return self.meta.read_bitmap(), (self.meta.read_al() if self.crashed else [])
+
+    async def forget_own_changes(self) -> None:
+        """In sync with a primary: nothing of this image's own is left."""
+        rec = self.record
+        if rec is not None:
+            rec.clear(0, rec.nclusters)
+            await self.persist_bits()
+            if self.al is not None:
+                await self.al.clear()
+            return
+        nclusters = -(-self.meta.header.size // self.meta.header.cluster_size)
+        await iothreads.run(self.meta.write_bitmap, ClusterBitmap(nclusters).to_bytes())
+        await iothreads.run(self.meta.write_al, [])
 
     @property
     def header(self) -> Header:
@@ -79,6 +112,23 @@ class DiskState:
         h.new_generation()
         await iothreads.run(self.meta.write_header, h)
         return h.current
+
+    async def write_bits(self, bits: bytes) -> None:
+        """Replace the dirty bits on disk (a secondary's failover records what
+        it changed); a record kept in memory takes them too."""
+        await iothreads.run(self.meta.write_bitmap, bits)
+        if self.record is not None:
+            merged = ClusterBitmap.from_bytes(self.record.nclusters, bits)
+            for s, e in merged.set_runs():
+                self.record.bits.set_range(s, e)
+            self.record.nonempty = self.record.nonempty or merged.count > 0
+
+    def has_own_changes(self) -> bool:
+        """Dirty bits on disk or in memory, or a crash's activity log."""
+        if self.record is not None:
+            return self.record.nonempty
+        bits = self.meta.read_bitmap()
+        return bits.count(0) != len(bits) or (self.crashed and bool(self.meta.read_al()))
 
     async def persist_bits(self) -> None:
         """The dirty record on disk (suspects count as dirty there: after a
@@ -123,6 +173,8 @@ class DiskState:
             "node_id": h.node_id, "current": h.current, "bitmap_gen": h.bitmap_gen,
             "history": list(h.history), "fresh": self.fresh, "crashed": self.crashed,
             "failover": h.failover, "epoch_dirty": h.epoch_dirty,
+            "full_resync": h.extra.get("full_resync", ""),
+            "own_changes": self.has_own_changes(),
             "size": h.size, "cluster_size": h.cluster_size,
         }
 
@@ -141,8 +193,20 @@ def gen(g: int) -> str:
     return f"{g:016x}"
 
 
-def decide(name: str, mine: dict, peer: dict) -> Decision:
-    """The primary's decision for one disk from both sides' ``describe()``."""
+def decide(name: str, mine: dict, peer: dict, *, discard: bool = False) -> Decision:
+    """The primary's decision for one disk from both sides' ``describe()``.
+
+    ``discard``: the secondary was started with ``--discard-my-data``.
+
+    A secondary that took writes of its own and did not fail over is an old
+    primary restarted as a secondary: it gives its writes since the common
+    generation up (COLO's failover discards them by definition), and the
+    resync overwrites them ("reprotect": this primary's record plus the
+    secondary's own changes, which the caller fetches).  One that failed
+    over as well is a split brain, unless it was told to discard its data.
+    """
+    if discard:
+        peer = {**peer, "failover": ""}
     if peer.get("failover"):
         return Decision("split-brain",
                         f"disk {name}: split brain: the secondary failed over (generation "
@@ -156,15 +220,21 @@ def decide(name: str, mine: dict, peer: dict) -> Decision:
         return Decision("full", "this primary's image has no replication history")
     p_cur, p_bm, p_hist = mine["current"], mine["bitmap_gen"], mine["history"]
     s_cur, s_bm, s_hist = peer["current"], peer["bitmap_gen"], peer["history"]
+    if mine.get("full_resync"):
+        return Decision("full", mine["full_resync"])
+    if peer.get("full_resync"):
+        return Decision("full", f"the secondary: {peer['full_resync']}")
     if s_cur == p_cur:
         return Decision("record", "same generation")
     if s_cur == p_bm:
         return Decision("record", "the secondary is behind by this primary's dirty record")
-    if s_bm and (s_bm == p_bm or s_bm == p_cur or p_cur in s_hist):
-        return Decision("split-brain",
-                        f"disk {name}: split brain: both images took writes the other lacks "
-                        f"(primary generation {gen(p_cur)}, secondary generation "
-                        f"{gen(s_cur)})")
+    if s_bm and (s_bm == p_bm or s_bm == p_cur):
+        return Decision("reprotect",
+                        f"the secondary (generation {gen(s_cur)}) took writes of its own since "
+                        f"generation {gen(s_bm)}: they are overwritten with this primary's data")
+    if s_bm and p_cur in s_hist:
+        return Decision("full", "the secondary took writes of its own since an older "
+                                "generation of this primary")
     if s_cur in p_hist:
         return Decision("full", "the secondary is older than this primary's dirty record")
     return Decision("full", "the secondary's image has an unrelated history")

@@ -34,7 +34,11 @@ the pair's state for the whole mount:
 * checkpoint is a flush barrier on both sides (refused while syncing);
   failover drops the secondary on purpose; stop flushes both sides and
   disconnects cleanly (NBD DISC); connect, disconnect and resync are the
-  operator's handles on the above.
+  operator's handles on the above;
+* the event stream (:mod:`replfs.events`) gets, besides the base class's
+  events, a ``resync`` line when a resync starts, then at most every
+  :data:`SYNC_EVENT_INTERVAL` seconds while it runs (only while somebody
+  reads the stream), and when it is done; and a ``failover`` line.
 """
 
 from __future__ import annotations
@@ -48,9 +52,12 @@ import trio
 
 from replfs.block.base import BlockNode
 from replfs.block.mirror import Mirror
-from replfs.core.digest import decode
+from replfs.core.bitmap import ClusterBitmap
+from replfs.core.digest import decode, decode_bits
 from replfs.errors import BlockError, PeerMismatch, PeerUnavailable, ReplfsError
 from replfs.jobs.resync import SyncProgress, resync
+from replfs.jobs.verify import SecondaryFailed, VerifyProgress
+from replfs.jobs.verify import verify as verify_job
 from replfs.nbd.errors import ControlRefused, ControlUnsupported
 from replfs.replication.controller import Controller
 from replfs.replication.persist import DiskState, decide
@@ -63,8 +70,12 @@ R, Y, D, F, S = (ReplicationStage.REPLICATING, ReplicationStage.SYNCING,
                  ReplicationStage.STOPPED)
 
 RECONNECT_FIRST = 0.5
+#: Seconds between two ``resync`` progress events.
+SYNC_EVENT_INTERVAL = 1.0
 #: How long ``connect`` keeps trying a secondary that is not ready yet.
 CONNECT_PATIENCE = 3.0
+#: Ranges of a secondary's overwritten writes named in the log and status.
+MAX_RANGES_REPORTED = 64
 
 
 class Control(Protocol):
@@ -117,10 +128,19 @@ class PrimaryController(Controller):
         self.want_connected = True
         self.reconnect_error: str | None = None
         self.generation_check: str | None = None
+        #: disk -> the secondary's own writes the running resync overwrites
+        self.discarding: dict[str, dict] = {}
+        #: disk -> what the last pairing decided, and why (status ``pairing``)
+        self.pairing: dict[str, dict] = {}
         self.sync: SyncProgress | None = None
+        self._sync_reported: SyncProgress | None = None
+        #: The last verify's progress and result (the status's ``verify``).
+        self.verifying: VerifyProgress | None = None
+        self._verify_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._resync_scope: trio.CancelScope | None = None
         self._wake = trio.Event()
+        self._connecting = trio.Lock()
         self._shut_down = False
 
     def attach(self, disks: dict[str, Mirror], images: dict[str, str],
@@ -145,6 +165,7 @@ class PrimaryController(Controller):
         is recorded from the first one, in a new generation; the reconnect
         loop looks for the secondary.  Call it once ``run()`` has started."""
         self.stage = D
+        self._update_degraded()
         self.record_error(reason)
         self._spawn(self._diverged)
         self._poke()
@@ -223,6 +244,14 @@ class PrimaryController(Controller):
     async def _connect_now(self) -> None:
         if self.connector is None or self._nursery is None:
             raise BlockError(errno.ENOTCONN, "connect: this primary cannot connect by itself")
+        # One attempt at a time (the reconnect loop and a `connect` action
+        # would otherwise pair twice, the second refused as a second writer).
+        async with self._connecting:
+            if self.session is not None:
+                return  # the other attempt made it
+            await self._connect_once()
+
+    async def _connect_once(self) -> None:
         try:
             with trio.fail_after(max(self.timeout, 1.0) * 4):
                 session = await self.connector(self.secondary, self._nursery)
@@ -256,6 +285,7 @@ class PrimaryController(Controller):
         for name, d in self.disks.items():
             d.attach_peer(peers[name])
         self.session = session
+        self.note_peer()
         self.sync = SyncProgress(total_bytes=self._total_out_of_sync())
         self.enter(Y)
         self.reconnect_error = None
@@ -267,7 +297,8 @@ class PrimaryController(Controller):
                 return
             if control is not None:
                 await control.call({"op": "sync-start",
-                                    "total_bytes": self._total_out_of_sync()})
+                                    "total_bytes": self._total_out_of_sync(),
+                                    "discarded": self.discarding or None})
         except (BlockError, ReplfsError) as exc:  # the link died right away
             self.peer_failed(next(iter(self.disks.values())), f"connect: {exc}")
             raise
@@ -296,7 +327,9 @@ class PrimaryController(Controller):
         if missing:
             raise PeerMismatch(f"the secondary {self.secondary} has no disk named "
                                f"{', '.join(missing)} (it has: {', '.join(peer_disks)})")
-        decisions = {n: decide(n, st.describe(), peer_disks[n]) for n, st in self.states.items()}
+        discard = bool(reply.get("discard_my_data"))
+        decisions = {n: decide(n, st.describe(), peer_disks[n], discard=discard)
+                     for n, st in self.states.items()}
         split = [d.reason for d in decisions.values() if d.action == "split-brain"]
         if split:
             line = (f"{'; '.join(split)}: refused, nothing written; keep the side whose data "
@@ -308,11 +341,44 @@ class PrimaryController(Controller):
             self.record_error(line)
             raise SplitBrain(line)
         self.generation_check = "ok"
+        self.pairing = {n: {"resync": d.action, "why": d.reason} for n, d in decisions.items()}
+        self.discarding = {}
         for name, dec in decisions.items():
-            if peer_disks[name].get("crashed") and dec.action == "record":
-                st = self.states[name]  # its page cache may have lost recent writes
+            st = self.states[name]
+            if peer_disks[name].get("crashed") and dec.action in ("record", "reprotect"):
+                # its page cache may have lost recent writes
                 st.record.suspect_extents(list(st.al.hot))
+            if dec.action in ("record", "reprotect") and peer_disks[name].get("own_changes"):
+                await self._take_peer_changes(control, name, st)
         return decisions
+
+    async def _take_peer_changes(self, control, name: str, st: DiskState) -> None:
+        """The secondary's own changes since the common generation (an old
+        primary's writes, a failover's) join this disk's record: the resync
+        overwrites them.  What it throws away is said (bytes, ranges)."""
+        reply = await control.call({"op": "own-changes", "disk": name})
+        rec = st.record
+        if int(reply.get("cluster_size", 0)) != rec.cluster_size:
+            rec.mark_all()
+            log.warning("disk %s: the secondary's cluster size differs: a full resync", name)
+            return
+        bits = ClusterBitmap.from_bytes(rec.nclusters, decode_bits(
+            reply["bits"], (rec.nclusters + 7) // 8))
+        ranges, total = [], 0
+        for c0, c1 in bits.set_runs():
+            off, length = rec.span(c0, c1)
+            rec.mark(off, length)
+            total += length
+            if len(ranges) < MAX_RANGES_REPORTED:
+                ranges.append([off, length])
+        if reply.get("al"):
+            rec.suspect_extents(reply["al"])
+        if total or reply.get("al"):
+            self.discarding[name] = {"bytes": total, "ranges": ranges,
+                                     "suspect_extents": len(reply.get("al") or ())}
+            log.warning("disk %s: the secondary's own writes are overwritten: %d bytes in "
+                        "%d ranges%s", name, total, len(ranges),
+                        f", {len(reply['al'])} extents compared" if reply.get("al") else "")
 
     async def _watch(self, session: Session) -> None:
         """Fresh health while idle: the control connection ending (the
@@ -331,6 +397,7 @@ class PrimaryController(Controller):
     async def _resync(self, session: Session) -> None:
         progress = self.sync or SyncProgress()
         self.sync = progress
+        self._spawn(self._report_sync, progress)
         with trio.CancelScope() as scope:
             self._resync_scope = scope
             try:
@@ -347,6 +414,21 @@ class PrimaryController(Controller):
                     self.peer_failed(d, f"resync failed: {exc}")
             finally:
                 self._resync_scope = None
+
+    async def _report_sync(self, progress: SyncProgress) -> None:
+        """``resync`` events while ``progress`` is the running resync's (one
+        reporter per progress: a restarted resync keeps its reporter)."""
+        if self._sync_reported is progress:
+            return
+        self._sync_reported = progress
+        try:
+            while self.sync is progress:
+                if self.events.readers:
+                    self.events.publish("resync", **progress.status(trio.current_time()))
+                await trio.sleep(SYNC_EVENT_INTERVAL)
+        finally:
+            if self._sync_reported is progress:
+                self._sync_reported = None
 
     def _digests(self, session: Session):
         control = session.control
@@ -370,9 +452,13 @@ class PrimaryController(Controller):
         if session.control is not None:
             await session.control.call({"op": "sync-done", "generations": gens})
         for st in self.states.values():
-            if st.header.bitmap_gen or st.fresh:
-                await st.update(bitmap_gen=0)
+            if st.header.bitmap_gen or st.fresh or st.header.failover:
+                # one generation with the secondary again: a failover that
+                # made this image a primary is history now
+                await st.update(bitmap_gen=0, failover="")
                 st.fresh = False
+        if self.sync is not None and self.sync.total_bytes:
+            self.events.publish("resync", **self.sync.status(trio.current_time()), done=True)
         self.sync = None
         self.enter(R)
         self.last_error = None
@@ -395,6 +481,7 @@ class PrimaryController(Controller):
         if stage in (D, F):
             self._spawn(self._diverged)
         self._poke()
+        self.note_peer()
 
     async def _diverged(self) -> None:
         """This image goes on without the secondary: a new generation, and
@@ -422,7 +509,8 @@ class PrimaryController(Controller):
     # -- actions ------------------------------------------------------------------------
     def actions(self):
         return {**super().actions(), "connect": self.connect,
-                "disconnect": self.disconnect, "resync": self.resync}
+                "reprotect": self._reprotect_refused,
+                "disconnect": self.disconnect, "resync": self.resync, "verify": self.verify}
 
     def sync_left(self) -> int:
         return self._total_out_of_sync()
@@ -434,7 +522,7 @@ class PrimaryController(Controller):
         for d in self.disks.values():
             await d.flush()
         self.admit(Op.CHECKPOINT)  # the secondary may have failed meanwhile
-        self.checkpoints += 1
+        self.checkpoint_done()
         for st in self.states.values():
             await st.update(checkpoint=st.header.checkpoint + 1)
 
@@ -445,7 +533,12 @@ class PrimaryController(Controller):
         for d in self.disks.values():
             await d.local.flush()
         await self._disconnect()
+        for st in self.states.values():
+            # this image goes on as the survivor: should the old secondary be
+            # made a primary too, the two are a split brain
+            await st.update(failover="done")
         self.enter(F)
+        self.events.publish("failover", state=self.state)
         log.info("failover: the secondary is dropped; running alone")
 
     async def stop(self) -> None:
@@ -512,6 +605,51 @@ class PrimaryController(Controller):
                                         "total_bytes": self._total_out_of_sync()})
         self._spawn(self._resync, session)
 
+    async def verify(self, repair: bool = False, rate: float | None = None,
+                     cancel: bool = False) -> None:
+        """Compare every cluster with the secondary while the VM runs
+        (:mod:`replfs.jobs.verify`); ``repair``: copy what differs.  The
+        result stays in the status (``verify``); a secondary that fails
+        during it degrades the pair, as a failed write does.  ``cancel``:
+        stop the running verify (its caller gets ECANCELED); a no-op when
+        none runs."""
+        if cancel:
+            if self._verify_scope is not None:
+                self._verify_scope.cancel()
+            return
+        if not self.admit(Op.VERIFY):
+            return
+        session = self.session
+        if session is None:
+            raise BlockError(errno.ENOTCONN, "verify: no secondary")
+        if self.verifying is not None and self.verifying.state == "running":
+            raise BlockError(errno.EBUSY, "verify: a verify is already running")
+
+        def check() -> None:  # before every window: still replicating, same secondary
+            self.admit(Op.VERIFY)
+            if self.session is not session:
+                raise BlockError(errno.ENOTCONN, "verify: the secondary changed")
+
+        self.verifying = progress = VerifyProgress()
+        disks = [(n, d, d.record.cluster_size if d.record is not None else 64 * 1024)
+                 for n, d in self.disks.items()]
+        with trio.CancelScope() as scope:
+            self._verify_scope = scope
+            try:
+                await verify_job(disks, digests=self._digests(session), repair=repair,
+                                 rate=rate, progress=progress, check=check, events=self.events,
+                                 timeout=max(4 * self.timeout, 10.0))
+            except SecondaryFailed as exc:
+                if self.session is session:
+                    self.peer_failed(next(iter(self.disks.values())), str(exc))
+                raise
+            finally:
+                self._verify_scope = None
+        if scope.cancelled_caught:
+            raise BlockError(errno.ECANCELED, "verify: cancelled")
+        log.info("verify: %d bytes compared, %d ranges differ%s", progress.done_bytes,
+                 progress.difference_count, ", repaired" if progress.repaired else "")
+
     async def _disconnect(self) -> None:
         if self._resync_scope is not None:
             self._resync_scope.cancel()
@@ -524,6 +662,22 @@ class PrimaryController(Controller):
             with trio.move_on_after(self.timeout):
                 await session.aclose()
             session.abort()
+        self.note_peer()
+
+    async def abandon(self) -> None:
+        """A primary that never paired goes away (a re-protect that failed):
+        the background stops and any peer is dropped; the disks' metadata
+        stays open for its owner."""
+        self._shut_down = True
+        self.want_connected = False
+        await self._disconnect()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        if hasattr(self, "_stopped"):
+            await self._stopped.wait()
+
+    async def _reprotect_refused(self, *args) -> None:
+        self.admit(Op.REPROTECT)  # refused: a primary already
 
     async def shutdown(self) -> None:
         """On unmount: flush the images, disconnect cleanly (NBD DISC), stop
@@ -550,6 +704,12 @@ class PrimaryController(Controller):
             except (OSError, ReplfsError) as exc:
                 log.error("disk %s: metadata at exit: %s", name, exc)
 
+    def sync_status(self) -> dict | None:
+        return self.sync.status(trio.current_time()) if self.sync is not None else None
+
+    def peer_fields(self) -> dict:
+        return {"secondary": self.secondary}
+
     def status(self) -> dict:
         return {
             **super().status(),
@@ -557,7 +717,11 @@ class PrimaryController(Controller):
             "reconnect": self.reconnect,
             "reconnect_error": self.reconnect_error,
             "generation_check": self.generation_check,
-            "sync": self.sync.status(trio.current_time()) if self.sync is not None else None,
+            "pairing": self.pairing or None,
+            "discarding": self.discarding or None,
+            "sync": self.sync_status(),
+            "verify": (self.verifying.status(trio.current_time())
+                       if self.verifying is not None else None),
             "disks": {
                 name: {"size": d.size, "image": self.images[name], **d.statistics(),
                        **(self.states[name].status() if name in self.states else {})}

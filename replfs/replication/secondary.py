@@ -51,7 +51,9 @@ from collections.abc import Awaitable, Callable
 
 from replfs.block.gated import GatedNode
 from replfs.block.graph import SecondaryDisk, SecondaryGraph
-from replfs.core.digest import cluster_digests, encode
+from replfs.block.mirror import Mirror
+from replfs.core.bitmap import ClusterBitmap
+from replfs.core.digest import cluster_digests, encode, encode_bits
 from replfs.errors import BlockError
 from replfs.nbd import proto as P
 from replfs.nbd.errors import ControlRefused
@@ -73,8 +75,17 @@ class SecondaryController(Controller):
 
     role = Role.SECONDARY
 
-    def __init__(self) -> None:
+    def __init__(self, *, discard_my_data: bool = False) -> None:
         super().__init__()
+        #: ``--discard-my-data``: this image's own writes since the common
+        #: generation (a failover's, an old primary's) give way to the primary.
+        self.discard_my_data = discard_my_data
+        #: What a resync overwrote of this image's own writes (status).
+        self.discarded: dict | None = None
+        #: ``await become_primary(target)``: the daemon turns this failed-over
+        #: mount into a primary of ``target`` (re-protect); None in tests
+        #: that do not re-protect.
+        self.become_primary: Callable[[str], Awaitable[None]] | None = None
         self.graph: SecondaryGraph | None = None
         self.states: dict[str, DiskState] = {}
         self.listen: str | None = None
@@ -113,6 +124,8 @@ class SecondaryController(Controller):
         """Before serving: finish or report what the last run left.
         ``resumed``: disks whose interrupted failover has its overlays back."""
         states = self.states
+        if self.discard_my_data:
+            await self._discard_failover(resumed)
         interrupted = {n for n, st in states.items() if st.header.failover == "committing"}
         if interrupted - resumed:
             self.stage, self.failover_ready = I, False
@@ -131,6 +144,22 @@ class SecondaryController(Controller):
             self.stage, self.failover_ready = I, False
             log.warning("the primary wrote since the last checkpoint and this daemon "
                         "restarted: inconsistent until a resync and a checkpoint")
+
+    async def _discard_failover(self, resumed: frozenset[str]) -> None:
+        """``--discard-my-data`` on an image that failed over: it is a plain
+        secondary again, inconsistent until the primary's resync has
+        overwritten what it changed on its own (its dirty record, kept)."""
+        for name, st in self.states.items():
+            if st.header.failover:
+                await st.update(failover="")
+                if name in resumed:
+                    self.disks[name].drop_saved()
+                self.failover_ready = False
+                log.warning("disk %s: --discard-my-data: the failover is given up; this "
+                            "image's own writes will be overwritten by the primary's resync",
+                            name)
+        if not self.failover_ready:
+            self.stage = I
 
     # -- the primary ----------------------------------------------------------------
     def admit_primary(self, export: str, clients_now: int) -> str | None:
@@ -156,6 +185,7 @@ class SecondaryController(Controller):
                 self.sync = None
         elif now and not was:
             log.info("the primary connected (export %s)", export)
+        self.note_peer()
 
     def export_failed(self, node: GatedNode, op: str, exc: BlockError) -> None:
         self.record_error(f"{node.name}: primary's {op} failed: {exc}")
@@ -177,7 +207,22 @@ class SecondaryController(Controller):
                                   if peer else f"refused a primary: {refusal}")
                 raise ControlRefused(P.NBD_REP_ERR_POLICY, refusal)
             return {"disks": {n: st.describe() for n, st in self.states.items()},
-                    "state": self.state}
+                    "state": self.state, "discard_my_data": self.discard_my_data}
+        if op == "own-changes":
+            st = self.states.get(request.get("disk"))
+            if st is None:
+                raise ControlRefused(P.NBD_REP_ERR_INVALID, f"bad request {request!r}")
+            bits, extents = st.own_changes()
+            return {"bits": encode_bits(bits), "al": extents,
+                    "cluster_size": st.header.cluster_size}
+        if op == "writer":
+            # The primary's data connection identifies itself before NBD_OPT_GO
+            # (the NBD server then admits it as the export's one writer; any
+            # other client of the export is a read-only observer).
+            refusal = self.admit_primary(str(request.get("disk", "")), 0)
+            if refusal is not None:
+                raise ControlRefused(P.NBD_REP_ERR_POLICY, refusal)
+            return {"writer": True}
         if op == "refuse":
             self.record_error(f"the primary refused to pair: {request.get('reason')}")
             return {}
@@ -185,6 +230,11 @@ class SecondaryController(Controller):
             if self.stage in (R, I):
                 self.enter(Y)
             self.sync = {"total_bytes": int(request.get("total_bytes", 0))}
+            if request.get("discarded"):
+                self.discarded = request["discarded"]
+                log.warning("the primary's resync overwrites this image's own writes: %s",
+                            self.discarded)
+            self.events.publish("resync", **self.sync)
             return {}
         if op == "digests":
             return {"digests": encode(await self._digests(request))}
@@ -211,8 +261,11 @@ class SecondaryController(Controller):
             if st is not None and st.header.current != g:
                 h = st.header
                 history = ([h.current] if h.current else []) + list(h.history)
-                await st.update(current=int(g), bitmap_gen=0, history=history[:4])
+                extra = {k: v for k, v in h.extra.items() if k != "full_resync"}
+                await st.update(current=int(g), bitmap_gen=0, history=history[:4], extra=extra)
                 st.fresh = False
+            if st is not None:
+                await st.forget_own_changes()
         if self.stage in (Y, I):
             self.enter(R)
         self.sync = None
@@ -248,29 +301,83 @@ class SecondaryController(Controller):
                 f"{self.state}): it restarted after the primary wrote since that checkpoint, "
                 f"and no resync and checkpoint have run since; `replfs failover --force` "
                 f"takes the secondary disk as it is"))
+        unknown = not self.failover_ready
         async with self.graph.gate.exclusive():
             self._configure(F)
             for name, d in self.disks.items():
                 st = self.states.get(name)
                 was = st.header.failover if st is not None else ""
+                if st is not None and was != "done":
+                    await self._record_failover_changes(name, d, st, unknown)
                 if st is not None and was == "":
                     await d.save_overlays()
                     await st.new_generation(keep_bitmap_gen=False, failover="committing")
-                await d.failover()  # after a restart with "done": just the pivot
+                top = None
+                if st is not None:
+                    # from now on the VM's writes are recorded (a re-protect sends them)
+                    st.start_tracking()
+                    top = Mirror(name, d.disk, None, on_peer_error=self._no_peer,
+                                 record=st.record, al=st.al)
+                await d.failover(top)  # after a restart with "done": just the pivot
                 if st is not None and was != "done":
                     await st.update(failover="done", epoch_dirty=False)
                 d.drop_saved()
             self.enter(F)
         await self._disconnect_primary()
         await self._view_changed()
+        self.events.publish("failover", state=self.state)
         log.info("failover: the view now runs on the secondary disks")
 
+    async def _record_failover_changes(self, name: str, d: SecondaryDisk, st: DiskState,
+                                       unknown: bool) -> None:
+        """Before the commit: what the failover changes against the primary's
+        disk goes into this image's dirty record (on disk), counted from the
+        generation the two shared; a re-protect resyncs it.  ``unknown``:
+        forced while inconsistent, the difference is not known: a re-protect
+        copies everything (said in the metadata, with why)."""
+        h = st.header
+        bits = ClusterBitmap.from_bytes(-(-h.size // h.cluster_size), st.meta.read_bitmap())
+        for offset, length in d.changed_clusters(h.cluster_size):
+            bits.set_range(offset // h.cluster_size, -(-(offset + length) // h.cluster_size))
+        await st.write_bits(bits.to_bytes())
+        if unknown and not h.extra.get("full_resync"):
+            await st.update(extra={**h.extra, "full_resync": (
+                "failed over with --force while inconsistent: which clusters differ "
+                "from the old primary is not known")})
+
+    def _no_peer(self, disk, reason: str) -> None:  # pragma: no cover - no peer edge
+        log.error("disk %s: %s", disk.name, reason)
+
+    def hand_over(self) -> None:
+        """Re-protected: the mount's new primary controller owns the disks'
+        metadata now; this one only closes the graph at exit, and its NBD
+        server lets no primary in any more."""
+        self.states = {}
+        if self.server is not None:
+            self.server.set_accepting(False)
+
+    async def reprotect(self, target: str | None = None) -> None:
+        """A failed-over mount becomes the primary of ``target`` (the old
+        primary, restarted as a secondary), while its VM keeps running: only
+        what diverged since the last common generation is sent."""
+        if not self.admit(Op.REPROTECT):
+            return
+        if not target:
+            raise BlockError(errno.EINVAL, "reprotect: which secondary? (HOST:PORT)")
+        if self.become_primary is None:
+            raise BlockError(errno.EOPNOTSUPP, "reprotect: not supported by this daemon")
+        await self.become_primary(target)
+
     def actions(self):
-        return {**super().actions(), "connect": self._primary_only,
-                "disconnect": self._primary_only, "resync": self._primary_only}
+        return {**super().actions(), "connect": self._primary_only, "reprotect": self.reprotect,
+                "disconnect": self._primary_only, "resync": self._primary_only,
+                "verify": self._verify_refused}
 
     async def _primary_only(self, *args) -> None:
         self.admit(Op.RESYNC)  # refused: "run it on the primary"
+
+    async def _verify_refused(self, *args) -> None:
+        self.admit(Op.VERIFY)  # refused: "verify: run it on the primary"
 
     async def stop(self) -> None:
         if not self.admit(Op.STOP):
@@ -285,12 +392,12 @@ class SecondaryController(Controller):
         """Every disk's checkpoint; the caller holds the gate."""
         for d in self.disks.values():
             await d.checkpoint()
-        self.checkpoints += 1
         for name, st in self.states.items():
             await st.update(epoch_dirty=False, checkpoint=st.header.checkpoint + 1)
         for d in self.disks.values():
             d.first_write.arm()
         self.failover_ready = True
+        self.checkpoint_done()
 
     async def _disconnect_primary(self) -> None:
         if self.server is not None:
@@ -318,9 +425,16 @@ class SecondaryController(Controller):
                 log.error("disk %s: metadata at exit: %s", name, exc)
         self.graph.close(keep=keep)
 
+    def sync_status(self) -> dict | None:
+        return self.sync
+
+    def peer_fields(self) -> dict:
+        return {"listen": self.listen}
+
     def status(self) -> dict:
         return {
             **super().status(),
+            "discarded": self.discarded,
             "listen": self.listen,
             "workdir": self.graph.workdir,
             "failover_ready": self.failover_ready,

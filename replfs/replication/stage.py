@@ -61,6 +61,8 @@ class Op(enum.Enum):
     CONNECT = "connect"            # primary: (re)connect to a secondary now
     DISCONNECT = "disconnect"      # primary: drop the secondary on purpose, no retries
     RESYNC = "resync"              # primary: resync (--full: every cluster)
+    VERIFY = "verify"              # primary: compare with the secondary online (repair)
+    REPROTECT = "reprotect"        # secondary, failed over: become the primary of a new secondary
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,10 @@ _NO_PEER = refuse(errno.ENOTCONN, "no secondary: the primary runs alone (state {
 _RESYNCING = refuse(errno.EBUSY, "resync in progress, {left} bytes left")
 _STOPPED = refuse(errno.EINVAL, "replication is stopped")
 _PRIMARY_ONLY = refuse(errno.EINVAL, "run it on the primary")
+_IS_PRIMARY = refuse(errno.EINVAL, "this mount is a primary already (to change its "
+                                   "secondary: connect HOST:PORT)")
+_NOT_FAILED_OVER = refuse(errno.EINVAL, "only a failed-over mount can become a primary "
+                                        "(state {stage})")
 
 #: What each role accepts in each of its stages.
 TABLE: dict[tuple[Role, ReplicationStage], dict[Op, Verdict]] = {
@@ -98,39 +104,51 @@ TABLE: dict[tuple[Role, ReplicationStage], dict[Op, Verdict]] = {
         Op.VM_IO: ALLOW, Op.REPLICATE: ALLOW, Op.CHECKPOINT: ALLOW,
         Op.FAILOVER: ALLOW, Op.STOP: ALLOW,
         Op.CONNECT: NOOP, Op.DISCONNECT: ALLOW, Op.RESYNC: ALLOW,
+        Op.VERIFY: ALLOW,
+        Op.REPROTECT: _IS_PRIMARY,
     },
     (Role.PRIMARY, _Y): {
         Op.VM_IO: ALLOW, Op.REPLICATE: ALLOW, Op.CHECKPOINT: _RESYNCING,
         Op.FAILOVER: ALLOW, Op.STOP: ALLOW,
         Op.CONNECT: NOOP, Op.DISCONNECT: ALLOW, Op.RESYNC: ALLOW,
+        Op.VERIFY: _RESYNCING,
+        Op.REPROTECT: _IS_PRIMARY,
     },
     (Role.PRIMARY, _D): {
         Op.VM_IO: ALLOW, Op.REPLICATE: _NO_PEER,
         Op.CHECKPOINT: refuse(errno.ENOTCONN, _NOT_REPLICATING),
         Op.FAILOVER: ALLOW, Op.STOP: ALLOW,
         Op.CONNECT: ALLOW, Op.DISCONNECT: ALLOW, Op.RESYNC: _NO_PEER,
+        Op.VERIFY: _NO_PEER,
+        Op.REPROTECT: _IS_PRIMARY,
     },
     (Role.PRIMARY, _F): {
         Op.VM_IO: ALLOW, Op.REPLICATE: _NO_PEER,
         Op.CHECKPOINT: refuse(errno.EINVAL, _NOT_REPLICATING),
         Op.FAILOVER: NOOP, Op.STOP: ALLOW,
         Op.CONNECT: ALLOW, Op.DISCONNECT: NOOP, Op.RESYNC: _NO_PEER,
+        Op.VERIFY: refuse(errno.EINVAL, _NOT_REPLICATING),
+        Op.REPROTECT: _IS_PRIMARY,
     },
     (Role.PRIMARY, _S): {
         Op.VM_IO: ALLOW, Op.REPLICATE: _NO_PEER,
         Op.CHECKPOINT: refuse(errno.EINVAL, _NOT_REPLICATING),
         Op.FAILOVER: _STOPPED, Op.STOP: NOOP,
         Op.CONNECT: _STOPPED, Op.DISCONNECT: NOOP, Op.RESYNC: _STOPPED,
+        Op.VERIFY: _STOPPED,
+        Op.REPROTECT: _IS_PRIMARY,
     },
     (Role.SECONDARY, _R): {
         Op.VM_IO: ALLOW, Op.REPLICATE: ALLOW, Op.PEER_CONNECT: ALLOW,
         Op.CHECKPOINT: ALLOW, Op.FAILOVER: ALLOW, Op.STOP: ALLOW,
-        Op.RESYNC: _PRIMARY_ONLY,
+        Op.RESYNC: _PRIMARY_ONLY, Op.VERIFY: _PRIMARY_ONLY,
+        Op.REPROTECT: _NOT_FAILED_OVER,
     },
     (Role.SECONDARY, _Y): {
         Op.VM_IO: ALLOW, Op.REPLICATE: ALLOW, Op.PEER_CONNECT: ALLOW,
         Op.CHECKPOINT: _RESYNCING, Op.FAILOVER: ALLOW, Op.STOP: _RESYNCING,
-        Op.RESYNC: _PRIMARY_ONLY,
+        Op.RESYNC: _PRIMARY_ONLY, Op.VERIFY: _PRIMARY_ONLY,
+        Op.REPROTECT: _NOT_FAILED_OVER,
     },
     (Role.SECONDARY, _I): {
         Op.VM_IO: ALLOW, Op.REPLICATE: ALLOW, Op.PEER_CONNECT: ALLOW,
@@ -139,7 +157,8 @@ TABLE: dict[tuple[Role, ReplicationStage], dict[Op, Verdict]] = {
         Op.FAILOVER: ALLOW,  # only with --force: the controller checks failover_ready
         Op.STOP: refuse(errno.EBUSY, "inconsistent: the secondary needs a resync "
                                      "from the primary first"),
-        Op.RESYNC: _PRIMARY_ONLY,
+        Op.RESYNC: _PRIMARY_ONLY, Op.VERIFY: _PRIMARY_ONLY,
+        Op.REPROTECT: _NOT_FAILED_OVER,
     },
     (Role.SECONDARY, _F): {
         Op.VM_IO: ALLOW,
@@ -150,7 +169,8 @@ TABLE: dict[tuple[Role, ReplicationStage], dict[Op, Verdict]] = {
         Op.CHECKPOINT: refuse(errno.EINVAL, _NOT_REPLICATING),
         Op.FAILOVER: NOOP,
         Op.STOP: refuse(errno.EINVAL, _NOT_REPLICATING),
-        Op.RESYNC: _PRIMARY_ONLY,
+        Op.RESYNC: _PRIMARY_ONLY, Op.VERIFY: _PRIMARY_ONLY,
+        Op.REPROTECT: ALLOW,
     },
     (Role.SECONDARY, _S): {
         Op.VM_IO: ALLOW,
@@ -160,7 +180,8 @@ TABLE: dict[tuple[Role, ReplicationStage], dict[Op, Verdict]] = {
         Op.CHECKPOINT: refuse(errno.EINVAL, _NOT_REPLICATING),
         Op.FAILOVER: ALLOW,
         Op.STOP: NOOP,
-        Op.RESYNC: _PRIMARY_ONLY,
+        Op.RESYNC: _PRIMARY_ONLY, Op.VERIFY: _PRIMARY_ONLY,
+        Op.REPROTECT: _NOT_FAILED_OVER,
     },
 }
 

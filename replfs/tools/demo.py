@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -183,8 +184,29 @@ class Demo:
                                           "secondary view": self.sview})
         self.replfs("status", self.smnt)
 
+        self.step("re-protect, the secondary VM running on: the old primary comes back as a "
+                  "secondary on its image, and the survivor becomes its primary (only what "
+                  "diverged is sent: R2 and R3)")
+        port = free_port()
+        self.replfs("secondary", self.pmnt, "--listen", f"127.0.0.1:{port}",
+                    "--disk", f"disk0={self.pimg}",
+                    "--workdir", os.path.join(self.base, "work-old-primary"),
+                    "--log", os.path.join(self.base, "old-primary.log"))
+        self.pids[1] = self.status(self.pmnt)["pid"]
+        self.replfs("reprotect", self.smnt, "--secondary", f"127.0.0.1:{port}")
+        deadline = time.time() + 30
+        while self.status(self.smnt)["state"] != "replicating" and time.time() < deadline:
+            time.sleep(0.1)
+        self.replfs("status", self.smnt)
+        self.replfs("checkpoint", self.smnt)
+        self.replfs("checkpoint", self.pmnt)
+        self.table("protected again, after a checkpoint: the old primary's R2 is overwritten",
+                   {"primary.img": self.pimg, "secondary.img": self.simg})
+        print(f"\n  primary.img == secondary.img: {same(self.pimg, self.simg)}")
+
         self.step("unmount")
-        subprocess.run(["fusermount3", "-u", self.smnt], check=True)
+        for m in (self.smnt, self.pmnt):
+            subprocess.run(["fusermount3", "-u", m], check=True)
         wait_gone(self.pids)
         print("  done: both daemons exited, nothing left mounted")
         return 0
@@ -199,6 +221,12 @@ class Demo:
             except ProcessLookupError:
                 pass
         wait_gone(self.pids)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_gone(pids: list[int], timeout: float = 10) -> None:

@@ -1,4 +1,4 @@
-"""``replfs status MOUNT --watch``: the state, and a resync's progress, live.
+"""``replfs status MOUNT --watch``: the state, and a resync's or a verify's progress, live.
 
 On a terminal a rich progress bar is redrawn in place (rich's ``Live``);
 otherwise one plain line is printed per change, so that a log or a pipe gets
@@ -29,6 +29,26 @@ def sync_text(sync: dict) -> str:
     return text
 
 
+def verify_text(v: dict) -> str:
+    """A verify's progress, or its result, in words."""
+    total, done = v.get("total_bytes") or 0, v.get("checked_bytes") or 0
+    n = v.get("differences_count") or 0
+    ranges = f"{n} differing range{'' if n == 1 else 's'}"
+    if v.get("state") != "running":
+        text = f"verify {v.get('state')}: {human(done)} compared, {ranges}"
+        if n and v.get("repaired"):
+            text += ", repaired"
+        if v.get("error"):
+            text += f" ({v['error']})"
+        return text
+    text = f"verify {human(done)} of {human(total)} ({100 * done // max(total, 1)} %)"
+    if v.get("rate_bytes_per_s"):
+        text += f", {human(v['rate_bytes_per_s'])}/s"
+    if v.get("eta_s") is not None:
+        text += f", eta {v['eta_s']:g} s"
+    return f"{text}, {ranges} so far"
+
+
 def summary(st: dict) -> str:
     """One line: state, peer, sync progress, last error."""
     peer = "connected" if st.get("peer_connected") else "not connected"
@@ -38,6 +58,8 @@ def summary(st: dict) -> str:
         parts.append(f"out of sync {human(oos)}")
     if st.get("sync"):
         parts.append(sync_text(st["sync"]))
+    if (st.get("verify") or {}).get("state") == "running":
+        parts.append(verify_text(st["verify"]))
     if st.get("last_error"):
         parts.append(f"last error: {st['last_error']}")
     return ", ".join(parts)
@@ -82,7 +104,10 @@ def _live(read_status, interval: float, out) -> int:
                 live.console.print(f"replfs: the mount went away: {exc}")
                 return 1
             sync = st.get("sync") or {}
-            total = sync.get("total_bytes") or 0
+            total, done = sync.get("total_bytes") or 0, sync.get("done_bytes", 0)
+            verify = st.get("verify") or {}
+            if not sync and verify.get("state") == "running":  # the bar shows the verify
+                total, done = verify.get("total_bytes") or 0, verify.get("checked_bytes", 0)
             progress.update(task, description=summary(st), total=max(total, 1),
-                            completed=sync.get("done_bytes", 0), visible=True)
+                            completed=done, visible=True)
             time.sleep(interval)

@@ -6,6 +6,9 @@ Rows (each on fresh, fully allocated images of the same size and data, same warm
   raw             the raw image file on local disk
   primary         the replfs primary's file, a replfs secondary attached on loopback
   secondary       the replfs secondary's view, a replfs primary attached
+  primary-tls     the primary row with the replication link over TLS (--tls-dir: NBD
+  secondary-tls   STARTTLS, certificates verified on both sides); the report gives
+                  the TLS cost (x plain) per job
   qemu-primary    QEMU's own block replication (quorum + replication + NBD client),
                   the primary's top node exported as a file (block-export-add type=fuse)
   qemu-secondary  QEMU's secondary (NBD export of the disk, hidden and active qcow2
@@ -18,7 +21,8 @@ write jobs left), the read jobs, a fixed dirtying write (one 4 KiB write per 64 
 cluster over the first quarter of the file), then a timed failover commit.
 
 Run:  .venv/bin/python scripts/bench [--size 1G] [--runtime 10] [--json out.json]
-                                    [--rows raw,primary,secondary,qemu-primary,qemu-secondary]
+                                    [--rows raw,primary,secondary,primary-tls,secondary-tls,
+                                            qemu-primary,qemu-secondary]
                                     [--jobs seqwrite,randwrite-qd1,...]
       (from the repository root, .venv/bin/python -m scripts.bench ... is the same)
 Read docs/benchmarks.md for what each figure means.

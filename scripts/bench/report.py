@@ -6,17 +6,22 @@ from __future__ import annotations
 from replfs.units import human
 
 from .fio import JOBS
-from .rows import QEMU_PEER, ROW_TITLES
+from .rows import QEMU_PEER, ROW_TITLES, TLS_PLAIN
 
 
 def ratios(results: dict) -> dict:
     rows = results["rows"]
-    out = {"vs_raw": {}, "vs_qemu": {}}
+    out = {"vs_raw": {}, "vs_qemu": {}, "vs_plain": {}}
     raw = rows.get("raw", {}).get("jobs", {})
     for name, r in rows.items():
         for jid, fig in r.get("jobs", {}).items():
             if jid in raw and raw[jid]["iops"]:
                 out["vs_raw"].setdefault(name, {})[jid] = fig["iops"] / raw[jid]["iops"]
+    for mine, plain in TLS_PLAIN.items():
+        a, b = rows.get(mine, {}).get("jobs", {}), rows.get(plain, {}).get("jobs", {})
+        for jid, fig in a.items():
+            if jid in b and b[jid]["iops"]:
+                out["vs_plain"].setdefault(mine, {})[jid] = fig["iops"] / b[jid]["iops"]
     for mine, theirs in QEMU_PEER.items():
         a, b = rows.get(mine, {}), rows.get(theirs, {})
         for jid, fig in a.get("jobs", {}).items():
@@ -73,6 +78,16 @@ def print_report(results: dict) -> None:
                   f"{fmt(f.get('peer_cpu_us_per_op'), '.1f', 11)}"
                   f"{fmt(rat['vs_raw'].get(name, {}).get(jid), '.3f', 8)}"
                   f"{fmt(rat['vs_qemu'].get(name, {}).get(jid), '.2f', 8)}")
+
+    tls = [n for n in TLS_PLAIN if rat.get("vs_plain", {}).get(n)]
+    if tls:
+        print()
+        print("TLS cost: IOPS of the row with the link over TLS / the same row in plain TCP")
+        jids = [j[0] for j in JOBS if any(j[0] in rat["vs_plain"][n] for n in tls)]
+        print(f"  {'row':15}" + "".join(f"{j[:14]:>15}" for j in jids))
+        for n in tls:
+            print(f"  {n:15}" + "".join(fmt(rat["vs_plain"][n].get(j), '.3f', 15)
+                                       for j in jids))
 
     rep = [n for n, r in rows.items() if r.get("checkpoint") or r.get("failover")]
     if rep:

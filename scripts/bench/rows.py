@@ -7,16 +7,22 @@ import random
 
 from replfs.units import MiB
 
-ALL_ROWS = ["raw", "primary", "secondary", "qemu-primary", "qemu-secondary"]
+ALL_ROWS = ["raw", "primary", "secondary", "primary-tls", "secondary-tls", "qemu-primary",
+            "qemu-secondary"]
 ROW_TITLES = {
     "raw": "raw image file",
     "primary": "replfs primary",
     "secondary": "replfs secondary view",
+    "primary-tls": "replfs primary, the link over TLS (--tls-dir)",
+    "secondary-tls": "replfs secondary view, the link over TLS",
     "qemu-primary": "QEMU primary",
     "qemu-secondary": "QEMU secondary",
 }
 #: The row each replfs row is compared with.
-QEMU_PEER = {"primary": "qemu-primary", "secondary": "qemu-secondary"}
+QEMU_PEER = {"primary": "qemu-primary", "secondary": "qemu-secondary",
+             "primary-tls": "qemu-primary", "secondary-tls": "qemu-secondary"}
+#: A TLS row and the same row in plain TCP (the TLS cost).
+TLS_PLAIN = {"primary-tls": "primary", "secondary-tls": "secondary"}
 
 
 class Row:

@@ -26,7 +26,8 @@ def timed_write(path: str, value: str = "1") -> float:
 class ReplfsRow(Row):
     def __init__(self, name, workdir, size):
         super().__init__(name, workdir, size)
-        self.side = name  # "primary" | "secondary"
+        self.side = name.removesuffix("-tls")  # "primary" | "secondary"
+        self.tls = name.endswith("-tls")
         self.smnt = os.path.join(workdir, "s")
         self.pmnt = os.path.join(workdir, "p")
         self.pids: dict[str, int] = {}
@@ -46,14 +47,19 @@ class ReplfsRow(Row):
         pimg = self.make_image(os.path.join(self.dir, "p.img"))
         os.mkdir(self.smnt)
         os.mkdir(self.pmnt)
+        tls = ()
+        if self.tls:  # one CA, a server and a client certificate (tests/tlscerts.py)
+            from tests.tlscerts import make_tls_dir
+            tls = ("--tls-dir", make_tls_dir(os.path.join(self.dir, "tls")))
         self._replfs("secondary", self.smnt, "--listen", "127.0.0.1:0",
                      "--disk", f"disk0={simg}", "--workdir", os.path.join(self.dir, "overlays"),
-                     "--log", os.path.join(self.dir, "secondary.log"))
+                     "--log", os.path.join(self.dir, "secondary.log"), *tls)
         st = self._status(self.smnt)
         self.pids["secondary"] = st["pid"]
         port = st["listen"].rsplit(":", 1)[1]
         self._replfs("primary", self.pmnt, "--secondary", f"127.0.0.1:{port}",
-                     "--disk", f"disk0={pimg}", "--log", os.path.join(self.dir, "primary.log"))
+                     "--disk", f"disk0={pimg}", "--log", os.path.join(self.dir, "primary.log"),
+                     *tls)
         self.pids["primary"] = self._status(self.pmnt)["pid"]
         return os.path.join(self.pmnt if self.side == "primary" else self.smnt, "disk0")
 

@@ -19,6 +19,7 @@ from .rows_replfs import ReplfsRow
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 ROW_CLASSES = {"raw": RawRow, "primary": ReplfsRow, "secondary": ReplfsRow,
+               "primary-tls": ReplfsRow, "secondary-tls": ReplfsRow,
                "qemu-primary": QemuRow, "qemu-secondary": QemuRow}
 
 

@@ -106,26 +106,16 @@ def oos(m) -> int:
 
 
 def gone(m, timeout: float = 15) -> None:
-    """SIGKILL the daemon of ``m`` (its own pid); once it is dead, its mount
-    goes (auto_unmount).
-
-    fusermount3 3.14's auto_unmount watcher races with the kernel: woken by
-    the daemon's socket closing, it opens the mountpoint and unmounts only if
-    that fails with ENOTCONN; if the daemon's /dev/fuse is not released yet,
-    the open waits and then fails with ECONNABORTED, and the watcher leaves
-    the dead mount behind (a few % of kills after recent I/O, more under
-    load).  So after a grace period a dead mount is unmounted here."""
+    """SIGKILL the daemon of ``m`` (its own pid); within 10 s of its death its
+    mount is gone, with no command of ours (fusermount3's auto_unmount, and
+    replfs's own watcher where that races with the kernel: see
+    replfs/fuse/watcher.py)."""
     m.kill(signal.SIGKILL)
     assert m.wait_exit(timeout), f"daemon {m.pid} survived SIGKILL"
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while _proc.mounted(m.path) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if _proc.mounted(m.path):
-        with pytest.raises(OSError) as dead:
-            os.close(os.open(m.path, os.O_RDONLY))
-        assert dead.value.errno == errno.ENOTCONN, dead.value
-        _proc.unmount(m.path)
-    assert not _proc.mounted(m.path), f"{m.path} stays mounted"
+    assert not _proc.mounted(m.path), f"{m.path} stays mounted 10 s after kill -9"
 
 
 def state_is(m, *states) -> bool:

@@ -495,7 +495,7 @@ def test_primary_host_vanishes_secondary_notices(pair, netns_host):
     the secondary VM's writes."""
     ns, link, host_ip, ns_ip = netns_host
     pair.images({"disk0": 4 * MiB})
-    s = pair.start_secondary(listen=f"{host_ip}:0")
+    s = pair.start_secondary("--insecure", listen=f"{host_ip}:0")
     p = pair.start_primary(secondary=s.status()["listen"],
                            prefix=["nsenter", f"--net=/run/netns/{ns}"])
     pwrite(p.file("disk0"), 0, fill(PRIMARY), fsync=True)

@@ -303,7 +303,8 @@ def test_control_files_and_fixed_namespace(pair):
         assert st["disks"]["disk0"]["size"] == 4 * MiB
         assert sorted(os.listdir(m.path)) == [".replfs", "disk0"]
         assert sorted(os.listdir(os.path.join(m.path, ".replfs"))) == \
-            ["checkpoint", "connect", "disconnect", "failover", "resync", "status", "stop"]
+            ["checkpoint", "connect", "disconnect", "events", "failover", "metrics",
+             "reprotect", "resync", "status", "stop", "verify"]
         f = m.file("disk0")
         for off, n in ((4 * MiB, 1), (4 * MiB - 4096, 8192), (4 * MiB + 4096, 4096)):
             with pytest.raises(OSError) as e:

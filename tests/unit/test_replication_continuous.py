@@ -259,7 +259,9 @@ def test_a_failed_over_secondary_refuses_the_old_primary_after_a_restart(tmp_pat
 
 def test_split_brain_is_refused_on_both_sides(tmp_path):
     # The secondary failed over and was restarted as a *secondary* of a
-    # fresh run that forgot it: both images diverged from one generation.
+    # fresh run that forgot it: both images diverged from one generation,
+    # and both made themselves the survivor (a diverged secondary that did
+    # not fail over is an old primary: it gives its writes up, re-protect).
     pair = Pair(tmp_path)
 
     async def main():
@@ -268,7 +270,8 @@ def test_split_brain_is_refused_on_both_sides(tmp_path):
             await pair.primary.disconnect()                # primary goes on alone...
             await pair.pdisk().write(0, pattern(PRIMARY, 512))
             s = pair.sstates["d0"]
-            await s.new_generation(keep_bitmap_gen=False)  # ...and so did the secondary
+            await s.new_generation(keep_bitmap_gen=False,  # ...and so did the secondary
+                                   failover="done")
             await trio.sleep(0.1)
             pimg, simg = read_image(pair.pimages["d0"]), read_image(pair.simages["d0"])
             pair.reachable = True

@@ -57,7 +57,7 @@ def test_walk_the_whole_table():
             # replication errors are recorded, not returned)
             if op is Op.VM_IO:
                 assert v.allowed and not v.noop
-    assert seen == 5 * 8 + 5 * 7
+    assert seen == 5 * 10 + 5 * 9  # (primary: 10 ops, secondary: 9) x 5 stages each
 
 
 @pytest.mark.parametrize("role,stage,op,expect", [
@@ -88,6 +88,11 @@ def test_walk_the_whole_table():
     (Role.PRIMARY, S, Op.CONNECT, errno.EINVAL),
     (Role.PRIMARY, D, Op.RESYNC, errno.ENOTCONN),
     (Role.SECONDARY, R, Op.RESYNC, errno.EINVAL),       # run it on the primary
+    (Role.PRIMARY, R, Op.VERIFY, "allow"),
+    (Role.PRIMARY, Y, Op.VERIFY, errno.EBUSY),          # a resync runs
+    (Role.PRIMARY, D, Op.VERIFY, errno.ENOTCONN),
+    (Role.PRIMARY, F, Op.VERIFY, errno.EINVAL),
+    (Role.SECONDARY, R, Op.VERIFY, errno.EINVAL),       # run it on the primary
 ])
 def test_the_rules_that_the_docs_promise(role, stage, op, expect):
     v = verdict(role, stage, op)
