@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -409,4 +410,52 @@ def test_a_reprotected_survivor_killed_restarts_as_a_primary(hosts):
     b2 = hs.primary("b")   # b's image, as a primary now; its secondary is a
     wait_for(lambda: state(b2) == "replicating", 60, "the resync after the crash")
     checkpoint(b2, a2)
+    assert sha(hs.img["a"]) == sha(hs.img["b"])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_kill9_during_reprotect_then_the_pair_heals(hosts, seed):
+    """Seeded rounds: during the re-protect's resync, SIGKILL the survivor
+    (now the primary) or the new secondary at a random moment; restarted
+    (the survivor as `replfs primary`, the secondary with the same
+    arguments), the pair heals: every write the survivor's VM had fsynced is
+    in its image, and after a checkpoint the images are equal."""
+    rng = random.Random(seed)
+    size = 256 * MiB
+    hs = hosts(size)
+    s = hs.secondary("b")
+    p = hs.primary("a")
+    pwrite(p.file("disk0"), 0, bytes([PRIMARY]) * 8 * MiB)
+    checkpoint(p, s)
+    for _ in range(48):
+        pwrite(p.file("disk0"), rng.randrange(size // MiB) * MiB, bytes([PRIMARY]) * MiB)
+    hs.kill(p)
+    replfs_cmd("failover", s.path)
+    acked: dict[int, int] = {}
+    for i in range(48):
+        off = rng.randrange(size // MiB) * MiB
+        pwrite(s.file("disk0"), off, (i + 1).to_bytes(4, "little") * (MiB // 4))
+        acked[off] = i + 1
+    a2 = hs.secondary("a")
+    victim = ("survivor", "new-secondary")[seed % 2]
+    proc = subprocess.Popen([sys.executable, "-m", "replfs", "reprotect", s.path,
+                             "--secondary", hs.target("a")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.wait(timeout=30)   # returns once paired: the resync has just started
+    assert proc.returncode == 0
+    time.sleep(rng.uniform(0.0, 0.15))
+    syncing = state(s) == "syncing"
+    hs.kill(s if victim == "survivor" else a2)
+    print("ROUND", seed, victim, "killed while syncing:", syncing)
+    if victim == "survivor":
+        survivor = hs.primary("b")    # its image, as a primary from now on
+        secondary = a2
+    else:
+        survivor = s   # a primary now: it reconnects by itself
+        secondary = hs.secondary("a")
+    wait_for(lambda: state(survivor) == "replicating", 60, "the pair to heal")
+    checkpoint(survivor, secondary)
+    img = read_all(hs.img["b"])
+    for off, i in acked.items():
+        assert img[off:off + 4] == i.to_bytes(4, "little"), (off, i)
     assert sha(hs.img["a"]) == sha(hs.img["b"])
