@@ -137,10 +137,24 @@ def parse_disks(specs: list[str]) -> tuple[DiskConfig, ...]:
             raise UsageError(f"--disk {spec}: duplicate disk name {name!r}")
         seen.add(name)
         check_image(image)
+        st = os.stat(image)
+        same = [d.name for d in disks if _same_file(d.image, st)]
+        if same:
+            raise UsageError(f"--disk {spec}: disk {same[0]!r} serves the same image "
+                             f"(one image, one disk)")
         disks.append(DiskConfig(name, os.path.abspath(image)))
     if not disks:
         raise UsageError("at least one --disk NAME=IMAGE is needed")
     return tuple(disks)
+
+
+def _same_file(path: str, st: os.stat_result) -> bool:
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino) or (
+        stat.S_ISBLK(st.st_mode) and stat.S_ISBLK(other.st_mode) and st.st_rdev == other.st_rdev)
 
 
 def check_image(image: str) -> None:
@@ -228,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stay in the foreground (logs on stderr)")
         sp.add_argument("--log", metavar="FILE",
                         help="log file of the background daemon "
-                             "(default: /tmp/replfs-ROLE-MOUNTNAME.log)")
+                             "(default: /tmp/replfs-ROLE-MOUNTNAME-HASH.log, HASH from the "
+                             "mount's full path)")
         sp.add_argument("--pid-file", metavar="FILE",
                         help="write the daemon's pid here once the mount is live "
                              "(removed at exit)")
@@ -278,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="longest wait between reconnect tries while degraded (default 5)")
     sp.add_argument("--resync-rate", metavar="BYTES/s",
                     help="cap on a resync's rate, e.g. 100M (default: no cap)")
+    sp.add_argument("--protocol", choices=("sync", "checkpoint"), default="sync",
+                    help="sync (default): a write completes when both sides have it; "
+                         "checkpoint: when the local image has it, the secondary gets it "
+                         "by the next checkpoint (`checkpoint --pair` drains)")
+    sp.add_argument("--max-lag", metavar="BYTES", default="64M",
+                    help="checkpoint protocol: bytes queued for the secondary before "
+                         "writes wait (default 64M)")
     sp.add_argument("--tls-hostname", metavar="NAME",
                     help="with --tls-dir: also check that the secondary's certificate "
                          "names NAME (default: the CA's signature only)")
@@ -292,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "secondary (HOST:PORT), the VM running on")):
         sp = sub.add_parser(action, help=f"{text} (echo 1 > MOUNT/.replfs/{action})")
         sp.add_argument("mount", metavar="MOUNT")
-        if action == "failover":
+        if action == "checkpoint":
+            sp.add_argument("--pair", action="store_true",
+                            help="on the primary: drain it, then checkpoint the secondary "
+                                 "over the replication link, one cut for all disks")
+        elif action == "failover":
             sp.add_argument("--force", action="store_true",
                             help="take the secondary disk as it is, even when it cannot "
                                  "give back the last checkpoint")
@@ -384,7 +410,14 @@ def mount_config(args) -> MountConfig:
             if rate <= 0:
                 raise UsageError(f"--resync-rate: expected bytes per second such as 100M, "
                                  f"got {args.resync_rate!r}")
+        try:
+            max_lag = parse_size(args.max_lag)
+        except ValueError:
+            max_lag = 0
+        if max_lag <= 0:
+            raise UsageError(f"--max-lag: expected a size such as 64M, got {args.max_lag!r}")
         return MountConfig(**common, secondary=parse_hostport(args.secondary, "--secondary"),
+                           protocol=args.protocol, max_lag=max_lag,
                            allow_degraded_start=args.allow_degraded_start,
                            reconnect_interval=args.reconnect_interval, resync_rate=rate,
                            tls_hostname=getattr(args, "tls_hostname", None))
@@ -451,7 +484,7 @@ def _stderr_is(path: str) -> bool:
 
 def spawn_background(cfg: MountConfig, log: str | None, cli_argv: list[str]) -> int:
     """Run this same command with ``-f`` in a new session; wait for "ready"."""
-    log_path = log or f"/tmp/replfs-{cfg.role}-{os.path.basename(cfg.mount)}.log"
+    log_path = log or default_log(cfg.role, cfg.mount)
     argv = [sys.executable, "-m", "replfs", *cli_argv, "-f"]
     if not log:  # the daemon reopens it on SIGHUP: it must know its name
         argv += ["--log", log_path]
@@ -478,6 +511,15 @@ def spawn_background(cfg: MountConfig, log: str | None, cli_argv: list[str]) -> 
         print(f"replfs: the daemon exited with status {proc.returncode} before the "
               f"mount was ready; see {log_path}", file=sys.stderr)
     return EXIT_FAIL
+
+
+def default_log(role: str, mount: str) -> str:
+    """``/tmp/replfs-ROLE-NAME-HASH.log``: the mount's name for people, a hash
+    of its whole path so that two mounts named alike never share a log."""
+    import hashlib
+
+    tag = hashlib.sha256(os.path.abspath(mount).encode()).hexdigest()[:8]
+    return f"/tmp/replfs-{role}-{os.path.basename(mount)}-{tag}.log"
 
 
 def control_path(mount: str, name: str) -> str:
@@ -551,6 +593,8 @@ def action_value(args) -> bytes:
         return b"force\n"
     if getattr(args, "full", False):
         return b"full\n"
+    if getattr(args, "pair", False):
+        return b"pair\n"
     if getattr(args, "secondary", None):
         target = parse_hostport(args.secondary, "--secondary")
         return f"{target}\n".encode()
@@ -754,10 +798,33 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    return {name for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+
+
 def _main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in _commands(parser):
+        # mount.fuse3's convention (mount -t fuse.replfs RES MOUNT -o ...); a
+        # mistyped command (no -o, no such resource) gets argparse's message
+        from replfs import resource
+
+        helper = any(a.startswith("-o") for a in argv[2:])
+        try:
+            helper = helper or os.path.isfile(resource.resolve(argv[0]))
+        except UsageError:
+            pass
+        if not helper:
+            parser.parse_args(argv)  # exits 2: invalid choice
+        try:
+            return resource.mount_helper(argv)
+        except UsageError as exc:
+            print(f"replfs: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    args = parser.parse_args(argv)
     args.argv = list(argv)
     try:
         if args.command in ("primary", "secondary"):

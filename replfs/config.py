@@ -39,6 +39,8 @@ class MountConfig:
     meta_dir: str | None = None           # where metadata files live (default: beside images)
     reconnect_interval: float = 5.0       # primary: longest wait between reconnect tries
     resync_rate: float | None = None      # primary: bytes/s cap of a resync (None: no cap)
+    protocol: str = "sync"                # primary: "sync" | "checkpoint" (write protocol)
+    max_lag: int = 64 * 1024 * 1024       # primary, checkpoint protocol: bytes queued at most
     allow_degraded_start: bool = False    # primary: start without a reachable secondary
     discard_my_data: bool = False         # secondary: its own writes give way to the primary
     log: str | None = None                # the log file, reopened on SIGHUP (None: stderr)

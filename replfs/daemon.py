@@ -287,7 +287,8 @@ async def run_primary(cfg: MountConfig, life: Lifecycle) -> None:
     ctl = PrimaryController(str(cfg.secondary), cfg.timeout,
                             connector=nbd_connector(sizes, cfg.timeout, tls=_client_tls(cfg)),
                             reconnect_interval=cfg.reconnect_interval,
-                            resync_rate=cfg.resync_rate)
+                            resync_rate=cfg.resync_rate, protocol=cfg.protocol,
+                            max_lag=cfg.max_lag)
     ctl.attach(graph.mirror({}, on_peer_error=ctl.peer_failed,
                             records={n: st.record for n, st in states.items()},
                             logs={n: st.al for n, st in states.items()}),

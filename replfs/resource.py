@@ -64,7 +64,7 @@ from replfs.errors import ReplfsError, UsageError
 #: Where a bare resource name is looked up (``$REPLFS_CONFIG_DIR`` overrides).
 CONFIG_DIR = "/etc/replfs"
 ROLES = ("primary", "secondary")
-PROTOCOLS = ("sync",)
+PROTOCOLS = ("sync", "checkpoint")
 #: How long ``down`` waits for the daemon to exit after the unmount.
 DOWN_TIMEOUT = 60.0
 
@@ -454,6 +454,8 @@ def mount_argv(res: Resource, host: Host, *, foreground: bool = False,
     argv = [host.role, host.mount]
     if host.role == "primary":
         argv += ["--secondary", res.secondary().address]
+        if res.protocol != "sync":
+            argv += ["--protocol", res.protocol]
     else:
         argv += ["--listen", host.listen]
     for d in res.disks:
@@ -634,3 +636,60 @@ def cmd_status(args) -> int:
 
 def _why(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc)
+
+
+# -- the mount helper ------------------------------------------------------------------
+#: Generic mount(8) and FUSE options a helper is handed and has nothing to do with.
+IGNORED_MOUNT_OPTIONS = frozenset({
+    "rw", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
+    "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime",
+    "strictatime", "lazytime", "sync", "async", "allow_other", "default_permissions"})
+
+
+def mount_helper(argv: list[str]) -> int:
+    """``mount -t fuse.replfs RES MOUNT -o role=...,host=...`` (and an fstab
+    line ``RES MOUNT fuse.replfs role=primary,_netdev 0 0``): mount.fuse3
+    runs ``replfs RES MOUNT -o OPTIONS``.  ``host=NAME`` picks the host as
+    ``--host`` does; ``role=`` must agree with the file (a safety check: an
+    fstab line written for the primary never starts a secondary); MOUNT must
+    be the host's mount point in the file, or replaces it.  Then it is
+    ``replfs up RES``: the mount command returns once the mount is live."""
+    if len(argv) < 2:
+        raise UsageError("mount helper: expected RES MOUNT [-o OPTIONS]")
+    res_name, mount, rest = argv[0], argv[1], argv[2:]
+    opts: list[str] = []
+    while rest:
+        if rest[0] == "-o" and len(rest) > 1:
+            opts += [o for o in rest[1].split(",") if o]
+            rest = rest[2:]
+        elif rest[0].startswith("-o") and len(rest[0]) > 2:
+            opts += [o for o in rest[0][2:].split(",") if o]
+            rest = rest[1:]
+        else:
+            raise UsageError(f"mount helper: unexpected argument {rest[0]!r} "
+                             f"(usage: RES MOUNT -o role=primary|secondary[,host=NAME])")
+    role = host_name = None
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key == "role":
+            if value not in ("primary", "secondary"):
+                raise UsageError(f"mount helper: role={value!r}: primary or secondary")
+            role = value
+        elif key == "host":
+            host_name = value
+        elif key in IGNORED_MOUNT_OPTIONS or key.startswith("x-"):
+            continue
+        else:
+            raise UsageError(f"mount helper: unknown option {opt!r} (replfs takes role= and "
+                             f"host=; the rest goes in the resource file)")
+    res = load(res_name)
+    host = local_host(res, host_name)
+    if role is not None and role != host.role:
+        raise UsageError(f"{res.file}: host {host.name} is the {host.role} of {res.name}, "
+                         f"not its {role} (role={role} in the mount options)")
+    mount = os.path.abspath(mount)
+    if os.path.realpath(mount) != os.path.realpath(host.mount):
+        host = dataclasses.replace(host, mount=mount)
+    from replfs import cli
+
+    return cli.main(mount_argv(res, host))

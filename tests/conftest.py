@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -130,10 +131,16 @@ class Mount:
 
 
 class Pair:
-    """A secondary and a primary on 127.0.0.1, each a real mount."""
+    """A secondary and a primary on 127.0.0.1, each a real mount.
 
-    def __init__(self, tmp_path) -> None:
+    ``protocol``: the primary's write protocol (``--protocol``); in
+    "checkpoint" mode :meth:`checkpoint` is the primary's ``checkpoint
+    --pair`` (the secondary refuses one of its own) and :meth:`settle`
+    drains the queue, so a test can compare the secondary disk."""
+
+    def __init__(self, tmp_path, protocol: str = "sync") -> None:
         self.tmp = tmp_path
+        self.protocol = protocol
         self.mounts: list[Mount] = []
         self.secondary: Mount | None = None
         self.primary: Mount | None = None
@@ -165,6 +172,8 @@ class Pair:
         """``prefix``: a command to run it under (e.g. nsenter into a netns)."""
         disks = [a for n, img in self.pimgs.items() for a in ("--disk", f"{n}={img}")]
         addr = secondary or self.secondary.status()["listen"]
+        if self.protocol != "sync" and "--protocol" not in map(str, extra):
+            extra = (*extra, "--protocol", self.protocol)
         self.primary = self._mount("primary", ["--secondary", addr, *disks, *extra],
                                    prefix=prefix)
         return self.primary
@@ -176,8 +185,23 @@ class Pair:
         return self
 
     def checkpoint(self) -> None:
+        if self.protocol == "checkpoint":
+            self.primary.action("checkpoint", b"pair\n")
+            return
         self.primary.action("checkpoint")
         self.secondary.action("checkpoint")
+
+    def settle(self, timeout: float = 20) -> None:
+        """Checkpoint mode: wait until nothing is queued for the secondary
+        (its disk has every write made so far); sync mode: nothing to wait for."""
+        if self.protocol != "checkpoint":
+            return
+        deadline = time.monotonic() + timeout
+        while self.primary.status().get("lag_bytes"):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still queued after {timeout} s: "
+                                     f"{self.primary.status()}")
+            time.sleep(0.02)
 
     def close(self) -> None:
         for m in reversed(self.mounts):
@@ -185,11 +209,18 @@ class Pair:
 
 
 @pytest.fixture
-def pair(tmp_path):
+def protocol() -> str:
+    """The primary's write protocol for the ``pair`` fixture: $REPLFS_TEST_PROTOCOL
+    (default sync); a module overrides this fixture to run in both modes."""
+    return os.environ.get("REPLFS_TEST_PROTOCOL", "sync")
+
+
+@pytest.fixture
+def pair(tmp_path, protocol):
     reason = have_fuse()
     if reason:
         pytest.skip(reason)
-    p = Pair(tmp_path)
+    p = Pair(tmp_path, protocol)
     try:
         yield p
     finally:

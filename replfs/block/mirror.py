@@ -31,13 +31,27 @@ any block node in tests):
   (``al``), the write's extents are logged durably before it reaches the
   local image.  A resync copy takes the same range lock (``order``) as the
   writes, so a copy and a write to the same bytes are never in flight
-  together and a copy never overwrites a newer write (DRBD's rule).
+  together and a copy never overwrites a newer write (DRBD's rule);
+* in the *checkpoint* protocol (``stream`` set, only while the pair is
+  "replicating"; :mod:`replfs.jobs.stream`) a write goes to the local image
+  only: it marks its clusters in the dirty record, as a degraded primary's
+  write does, and wakes the streamer, which sends the record's clusters
+  read back from the local image.  Before it takes its range lock, a write
+  waits while the mount's lag (the records' dirty bytes) exceeds the
+  streamer's ``max_lag`` (back-pressure: the queue is the record, its
+  memory is flat).  Design note: the sync path pays one attribute test for
+  this; no payload is ever queued;
+* :meth:`barrier` holds the whole disk's range lock: every write in flight
+  is done, new ones wait (a checkpoint's cut, atomic with the other disks'
+  barriers held at the same time).  No per-write cost: the lock is the one
+  every write takes anyway.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -72,6 +86,9 @@ class Mirror(BlockNode):
         self.bytes_written = 0
         self.bytes_replicated = 0
         self.writes = 0
+        #: The checkpoint protocol's streamer while it runs (None: every
+        #: write goes to the peer as it completes, the sync protocol).
+        self.stream = None
 
     # -- the peer edge ------------------------------------------------------------
     def drop_peer(self) -> BlockNode | None:
@@ -93,27 +110,43 @@ class Mirror(BlockNode):
             raise ValueError(f"{self.name}: the peer's size differs from the local image's")
         self.peer = peer
 
+    async def send(self, peer: BlockNode, call):
+        """``call(peer)``, watched by the controller's watchdog (a request
+        that waits longer than the timeout fails the peer); errors raise."""
+        token = self._next_token
+        self._next_token = token + 1
+        self._inflight[token] = trio.current_time()
+        try:
+            return await call(peer)
+        finally:
+            del self._inflight[token]
+
     async def _to_peer(self, what: str, call) -> bool:
         """``call(peer)``; True if the peer has it."""
         peer = self.peer
         if peer is None:
             return False
-        token = self._next_token
-        self._next_token = token + 1
-        self._inflight[token] = trio.current_time()
         try:
-            await call(peer)
+            await self.send(peer, call)
         except Exception as exc:  # never fail the VM's I/O for the peer
             if self.peer is peer:
                 self._on_peer_error(self, _describe(what, exc))
             return False
-        finally:
-            del self._inflight[token]
         return True
+
+    @asynccontextmanager
+    async def barrier(self):
+        """Hold every write of this disk: the ones in flight finish first."""
+        async with self.order.exclusive(0, self.size):
+            yield
 
     async def _mirrored(self, what: str, offset: int, length: int, call) -> None:
         """Run ``call(node)`` on the local image, then on the peer; what the
         peer did not get goes into the dirty record."""
+        stream = self.stream
+        if stream is not None:
+            await self._queued(stream, offset, length, call)
+            return
         async with self.order.exclusive(offset, offset + length):
             al = self.al
             if al is not None and not al.try_begin(offset, length):
@@ -129,6 +162,23 @@ class Mirror(BlockNode):
                         rec.clear_covered(offset, length)
                 elif rec is not None:
                     rec.mark(offset, length)
+            finally:
+                if al is not None:
+                    al.end(offset, length)
+
+    async def _queued(self, stream, offset: int, length: int, call) -> None:
+        """The checkpoint protocol's write: local image, then the record."""
+        if stream.lagging:
+            await stream.room()  # back-pressure, before any lock is taken
+        async with self.order.exclusive(offset, offset + length):
+            al = self.al
+            if al is not None and not al.try_begin(offset, length):
+                await al.begin(offset, length)
+            try:
+                await call(self.local)
+                self.writes += 1
+                self.bytes_written += length
+                stream.queued(self, offset, length)
             finally:
                 if al is not None:
                     al.end(offset, length)
@@ -150,7 +200,12 @@ class Mirror(BlockNode):
 
     async def flush(self) -> None:
         """Both sides at once; only the local side's error reaches the caller
-        (raised outside the nursery, so it is not wrapped in a group)."""
+        (raised outside the nursery, so it is not wrapped in a group).  In
+        the checkpoint protocol the local side only: an fsync is durable on
+        this host; the secondary has the data at the next checkpoint."""
+        if self.stream is not None:
+            await self.local.flush()
+            return
         local_error = None
         async with trio.open_nursery() as nursery:
             if self.peer is not None:

@@ -8,7 +8,8 @@ degraded).  A value that means nothing goes to ``action_error`` only: a typo
 never hides the last real error.  Accepted values: ``1 y yes true on now`` or the action's
 own name (case and surrounding white space ignored), and for some actions
 an argument instead: ``failover`` takes ``force``, ``resync`` takes
-``full``, ``connect`` takes ``HOST:PORT`` (another secondary), and
+``full``, ``checkpoint`` takes ``pair`` (on the primary: both sides, one
+cut), ``connect`` takes ``HOST:PORT`` (another secondary), and
 ``verify`` takes ``repair`` and/or ``rate=BYTES/s`` (e.g. ``repair rate=100M``),
 or ``cancel`` (the running verify stops; its own write fails with ECANCELED).
 """
@@ -33,7 +34,8 @@ ACTIONS = ("checkpoint", "failover", "stop", "connect", "disconnect", "resync", 
            "reprotect")
 
 #: Actions that take one word instead of "1": the word -> the argument.
-FLAGS = {"failover": {b"force": True}, "resync": {b"full": True}}
+FLAGS = {"failover": {b"force": True}, "resync": {b"full": True},
+         "checkpoint": {b"pair": True}}
 
 #: Values a control file accepts (besides the action's own name).
 YES = {b"1", b"y", b"yes", b"true", b"on", b"now"}

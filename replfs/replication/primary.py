@@ -31,7 +31,22 @@ the pair's state for the whole mount:
 * against a plain NBD secondary (no control channel) the generation check
   is skipped (``generation_check`` says so) and the dirty record is resynced
   by copying;
-* checkpoint is a flush barrier on both sides (refused while syncing);
+* the write protocol (``protocol``): "sync" (the default) completes a VM
+  write when both sides have it; "checkpoint" completes it when the local
+  image has it and streams the dirty record to the secondary
+  (:mod:`replfs.jobs.stream`) while the stage is "replicating": queued
+  writes are lag (``lag_bytes``), not divergence, bounded by ``max_lag``
+  (back-pressure).  While "syncing" the writes are mirrored as in sync mode,
+  so that the resync converges under any write load;
+* checkpoint is a flush barrier on both sides (refused while syncing); in
+  checkpoint mode it holds every disk's write barrier
+  (:meth:`Mirror.barrier`) while it *drains* the queue (the secondary
+  acknowledged and flushed every write completed before it; the time is
+  ``last_checkpoint_drain_s``).  ``checkpoint(pair=True)`` (``replfs
+  checkpoint MOUNT --pair``, both modes) then runs the secondary's
+  checkpoint over the control channel (``{"op": "checkpoint"}``) with the
+  barrier still held, so both sides cut at the same point for all disks;
+  a plain NBD secondary has no control channel: refused;
   failover drops the secondary on purpose; stop flushes both sides and
   disconnects cleanly (NBD DISC); connect, disconnect and resync are the
   operator's handles on the above;
@@ -46,6 +61,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Protocol
 
 import trio
@@ -56,6 +72,7 @@ from replfs.core.bitmap import ClusterBitmap
 from replfs.core.digest import decode, decode_bits
 from replfs.errors import BlockError, PeerMismatch, PeerUnavailable, ReplfsError
 from replfs.jobs.resync import SyncProgress, resync
+from replfs.jobs.stream import Streamer
 from replfs.jobs.verify import SecondaryFailed, VerifyProgress
 from replfs.jobs.verify import verify as verify_job
 from replfs.nbd.errors import ControlRefused, ControlUnsupported
@@ -76,6 +93,10 @@ SYNC_EVENT_INTERVAL = 1.0
 CONNECT_PATIENCE = 3.0
 #: Ranges of a secondary's overwritten writes named in the log and status.
 MAX_RANGES_REPORTED = 64
+#: The write protocols (``--protocol``); "sync" is the default.
+PROTOCOLS = ("sync", "checkpoint")
+#: Default ``--max-lag``: bytes queued before writes wait (checkpoint mode).
+MAX_LAG = 64 * 1024 * 1024
 
 
 class Control(Protocol):
@@ -114,8 +135,17 @@ class PrimaryController(Controller):
     role = Role.PRIMARY
 
     def __init__(self, secondary: str, timeout: float, *, connector: Connector | None = None,
-                 reconnect_interval: float = 5.0, resync_rate: float | None = None) -> None:
+                 reconnect_interval: float = 5.0, resync_rate: float | None = None,
+                 protocol: str = "sync", max_lag: int = MAX_LAG) -> None:
         super().__init__()
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}")
+        self.protocol = protocol
+        self.max_lag = max_lag
+        #: The checkpoint protocol's streamer while "replicating", else None.
+        self.streamer: Streamer | None = None
+        self._stream_scope: trio.CancelScope | None = None
+        self.last_checkpoint_drain_s: float | None = None
         self.secondary = secondary
         self.timeout = timeout
         self.connector = connector
@@ -310,7 +340,7 @@ class PrimaryController(Controller):
             self.generation_check = "skipped: the secondary speaks plain NBD (no replfs metadata)"
             return {}
         try:
-            reply = await control.call({"op": "hello", "disks": {
+            reply = await control.call({"op": "hello", "protocol": self.protocol, "disks": {
                 n: st.describe() for n, st in self.states.items()}})
         except ControlUnsupported:  # a plain NBD server: no generations to compare
             control.abort()
@@ -466,6 +496,10 @@ class PrimaryController(Controller):
 
     # -- stage ------------------------------------------------------------------------
     def _configure(self, stage: ReplicationStage) -> None:
+        if stage is R and self.protocol == "checkpoint":
+            self._start_stream()
+        else:
+            self._stop_stream()
         if self.verdict(Op.REPLICATE).allowed:
             return
         for d in self.disks.values():
@@ -482,6 +516,49 @@ class PrimaryController(Controller):
             self._spawn(self._diverged)
         self._poke()
         self.note_peer()
+
+    # -- the checkpoint protocol's streamer -----------------------------------------------
+    def _start_stream(self) -> None:
+        if self.streamer is not None or self._nursery is None:
+            return
+        streamer = Streamer(list(self.disks.values()), max_lag=self.max_lag,
+                            on_error=self.peer_failed)
+        streamer.start()
+        self.streamer = streamer
+        self._stream_scope = trio.CancelScope()
+        self._spawn(self._run_stream, streamer, self._stream_scope)
+
+    async def _run_stream(self, streamer: Streamer, scope: trio.CancelScope) -> None:
+        with scope:
+            await streamer.run()
+
+    def _stop_stream(self) -> None:
+        """Off the write path at once; the round under way is cancelled (the
+        peer is being dropped, or :meth:`_finish_stream` ended it first)."""
+        streamer, self.streamer = self.streamer, None
+        if streamer is not None:
+            streamer.stop()
+        if self._stream_scope is not None:
+            self._stream_scope.cancel()
+            self._stream_scope = None
+
+    async def _finish_stream(self) -> None:
+        """End the streamer after its round under way (flushed), so that no
+        copy of it reaches the secondary after a write mirrored in sync."""
+        streamer = self.streamer
+        if streamer is not None:
+            with trio.move_on_after(max(self.timeout, 1.0) * 4):
+                await streamer.finish()
+            self._stop_stream()
+
+    @property
+    def lag_bytes(self) -> int:
+        return self.streamer.lag_bytes if self.streamer is not None else 0
+
+    async def _barrier(self, stack) -> None:
+        """Hold every disk's write barrier (in ``stack``), in a fixed order."""
+        for name in sorted(self.disks):
+            await stack.enter_async_context(self.disks[name].barrier())
 
     async def _diverged(self) -> None:
         """This image goes on without the secondary: a new generation, and
@@ -515,14 +592,62 @@ class PrimaryController(Controller):
     def sync_left(self) -> int:
         return self._total_out_of_sync()
 
-    async def checkpoint(self) -> None:
-        """A flush barrier on both sides."""
+    async def checkpoint(self, pair: bool = False) -> None:
+        """A flush barrier on both sides; in checkpoint mode a drain under
+        the write barrier; ``pair``: then the secondary's checkpoint, the
+        barrier still held (both modes)."""
         if not self.admit(Op.CHECKPOINT):
             return
-        for d in self.disks.values():
-            await d.flush()
-        self.admit(Op.CHECKPOINT)  # the secondary may have failed meanwhile
+        session = self.session
+        if pair and (session is None or session.control is None):
+            raise BlockError(errno.EOPNOTSUPP, (
+                "checkpoint --pair: the secondary speaks plain NBD (no replfs control "
+                "channel, e.g. qemu-nbd or nbdkit): it cannot take a checkpoint from the "
+                "primary; checkpoint it by its own means"))
+        if not pair and self.streamer is None:
+            for d in self.disks.values():  # sync mode: as it always was
+                await d.flush()
+            self.admit(Op.CHECKPOINT)  # the secondary may have failed meanwhile
+            self._checkpointed(None)
+        else:
+            async with AsyncExitStack() as stack:
+                started = trio.current_time()
+                await self._barrier(stack)
+                if self.streamer is not None:
+                    await self.streamer.drain()
+                for d in self.disks.values():  # local only in checkpoint mode
+                    await d.flush()
+                self.admit(Op.CHECKPOINT)  # the secondary may have failed meanwhile
+                drained = trio.current_time() - started
+                if pair:
+                    await self._pair_checkpoint(session)
+            self._checkpointed(drained if self.protocol == "checkpoint" else None)
+        for st in self.states.values():
+            await st.update(checkpoint=st.header.checkpoint + 1)
+
+    def _checkpointed(self, drained: float | None) -> None:
+        if drained is not None:
+            self.last_checkpoint_drain_s = round(drained, 6)
+            log.info("checkpoint: drained in %.3f s", drained)
         self.checkpoint_done()
+
+    async def _pair_checkpoint(self, session: Session) -> None:
+        """The secondary's checkpoint, over the control channel."""
+        try:
+            with trio.fail_after(max(self.timeout, 1.0) * 4):
+                await session.control.call({"op": "checkpoint"})
+        except ControlUnsupported:
+            raise BlockError(errno.EOPNOTSUPP, "checkpoint --pair: the secondary does not "
+                             "know the call (an older replfs?)") from None
+        except ControlRefused as exc:
+            raise BlockError(errno.EIO, f"checkpoint --pair: the secondary refused: "
+                             f"{exc.message}") from None
+        except trio.TooSlowError:
+            raise BlockError(errno.ETIMEDOUT, "checkpoint --pair: the secondary did not "
+                             "answer in time") from None
+        except (ReplfsError, BlockError) as exc:
+            raise BlockError(getattr(exc, "errno", None) or errno.EIO,
+                             f"checkpoint --pair: {exc}") from None
         for st in self.states.values():
             await st.update(checkpoint=st.header.checkpoint + 1)
 
@@ -546,6 +671,10 @@ class PrimaryController(Controller):
         if not self.admit(Op.STOP):
             return
         if self.stage is R:
+            if self.streamer is not None:  # what is queued goes first
+                async with AsyncExitStack() as stack:
+                    await self._barrier(stack)
+                    await self.streamer.drain()
             for d in self.disks.values():
                 await d.flush()
         await self._disconnect()
@@ -599,6 +728,7 @@ class PrimaryController(Controller):
             self._resync_scope.cancel()
             await trio.sleep(0)
         if self.stage is R:
+            await self._finish_stream()
             self.enter(Y)
         if session.control is not None:
             await session.control.call({"op": "sync-start",
@@ -688,6 +818,13 @@ class PrimaryController(Controller):
         self.want_connected = False
         if self._resync_scope is not None:
             self._resync_scope.cancel()
+        if self.streamer is not None:  # what is queued goes first, if it can
+            with trio.move_on_after(max(self.timeout, 1.0) * 4):
+                try:
+                    await self.streamer.drain()
+                except BlockError as exc:
+                    log.warning("at exit, the queue stays in the dirty record: %s", exc)
+            self._stop_stream()
         for d in self.disks.values():
             try:
                 await d.flush()
@@ -714,6 +851,11 @@ class PrimaryController(Controller):
         return {
             **super().status(),
             "secondary": self.secondary,
+            "protocol": self.protocol,
+            "lag_bytes": self.lag_bytes,
+            "max_lag": self.max_lag if self.protocol == "checkpoint" else None,
+            "last_checkpoint_drain_s": self.last_checkpoint_drain_s,
+            "stream": self.streamer.statistics() if self.streamer is not None else None,
             "reconnect": self.reconnect,
             "reconnect_error": self.reconnect_error,
             "generation_check": self.generation_check,

@@ -93,6 +93,10 @@ class SecondaryController(Controller):
         self.failover_ready = True
         self.sync: dict | None = None
         self._clients: dict[str, int] = {}  # export -> primaries connected
+        #: The primary's write protocol (its ``hello`` says): in "checkpoint"
+        #: mode a checkpoint asked here alone is refused (writes may be
+        #: queued on the primary); the primary's ``checkpoint --pair`` runs it.
+        self.protocol = "sync"
         #: Called after the view's content changed under open files.
         self.on_view_changed: Callable[[], Awaitable[None]] | None = None
 
@@ -206,6 +210,7 @@ class SecondaryController(Controller):
                 self.record_error(f"refused a primary ({peer[0]}:{peer[1]}): {refusal}"
                                   if peer else f"refused a primary: {refusal}")
                 raise ControlRefused(P.NBD_REP_ERR_POLICY, refusal)
+            self.protocol = "checkpoint" if request.get("protocol") == "checkpoint" else "sync"
             return {"disks": {n: st.describe() for n, st in self.states.items()},
                     "state": self.state, "discard_my_data": self.discard_my_data}
         if op == "own-changes":
@@ -241,6 +246,13 @@ class SecondaryController(Controller):
         if op == "sync-done":
             await self._sync_done(request.get("generations", {}))
             return {}
+        if op == "checkpoint":  # the primary's `checkpoint --pair`: it has drained
+            try:
+                await self._checkpoint()
+            except BlockError as exc:
+                self.record_refusal(str(exc))
+                raise ControlRefused(P.NBD_REP_ERR_INVALID, str(exc)) from None
+            return {"checkpoints": self.checkpoints}
         raise ControlRefused(P.NBD_REP_ERR_INVALID, f"unknown control request {op!r}")
 
     async def _digests(self, request: dict) -> list[int]:
@@ -285,7 +297,17 @@ class SecondaryController(Controller):
         return self.sync.get("total_bytes", "?") if self.sync else "?"
 
     # -- actions --------------------------------------------------------------------
-    async def checkpoint(self) -> None:
+    async def checkpoint(self, pair: bool = False) -> None:
+        if pair:
+            raise BlockError(errno.EINVAL, "checkpoint --pair: run it on the primary "
+                             "(`replfs checkpoint PRIMARY_MOUNT --pair`)")
+        if self.protocol == "checkpoint" and self.admit(Op.CHECKPOINT):
+            raise BlockError(errno.EBUSY, (
+                "checkpoint: in checkpoint mode the primary may still have writes queued: "
+                "run `replfs checkpoint PRIMARY --pair` on the primary"))
+        await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
         if not self.admit(Op.CHECKPOINT):
             return
         async with self.graph.gate.exclusive():
@@ -435,6 +457,7 @@ class SecondaryController(Controller):
         return {
             **super().status(),
             "discarded": self.discarded,
+            "protocol": self.protocol,
             "listen": self.listen,
             "workdir": self.graph.workdir,
             "failover_ready": self.failover_ready,

@@ -29,6 +29,13 @@ from tests.integration.test_replication import fill
 
 pytestmark = pytest.mark.integration
 
+
+def both(sync_seeds, checkpoint_seeds) -> list:
+    """``(protocol, seed)`` cases: every seed in sync mode, a representative
+    subset in checkpoint mode (the whole would double the suite's time)."""
+    return ([pytest.param("sync", s, id=f"sync-{s}") for s in sync_seeds]
+            + [pytest.param("checkpoint", s, id=f"checkpoint-{s}") for s in checkpoint_seeds])
+
 CLUSTER = 64 * 1024
 
 
@@ -194,7 +201,7 @@ def stop_proc(proc) -> None:
         proc.stdout.close()
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("protocol,seed", both(range(20), range(4)))
 def test_kill9_during_resync_with_fio_converges(pair, require_tool, tmp_path, seed):
     """The secondary is killed and misses 20 MiB; fio starts 4 KiB random
     writes over 8 MiB (2 MiB of the missed data among them); the secondary
@@ -229,6 +236,7 @@ def test_kill9_during_resync_with_fio_converges(pair, require_tool, tmp_path, se
     # A write since the checkpoint: the secondary's epoch is dirty, so its
     # restart is "inconsistent" (no failover) until a resync and a checkpoint.
     write(EPOCH_AT, fill(PRIMARY), True)
+    pair.settle()  # checkpoint mode: an fsync is local; the secondary gets it streamed
     kill9(s, pair)
     until(lambda: state(p) == "degraded", "the primary to degrade", pair)
     # 20 MiB the secondary misses: 18 chunks in 0..40M, 2 in fio's region.
@@ -290,7 +298,7 @@ def test_kill9_during_resync_with_fio_converges(pair, require_tool, tmp_path, se
 DISK2 = 64 * MiB
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("protocol,seed", both(range(3), range(1)))
 def test_failover_in_the_middle_of_a_resync_gives_the_checkpoint(pair, seed):
     """Checkpoint; the secondary VM writes; the primary is disconnected,
     writes 26 MiB, and `replfs connect` starts a slow resync (4 MiB/s) that
@@ -391,6 +399,7 @@ def prepare_commit(pair: Pair, port: int, primary_args, secondary_args=()):
         os.fsync(fd)
     finally:
         os.close(fd)
+    pair.settle()  # checkpoint mode: the secondary has it all (hidden full)
     expected = bytearray(checkpoint)
     for off, n in VM3:
         pwrite(s.file("disk0"), off, fill(SECONDARY_VM, n))
@@ -498,7 +507,7 @@ def crash_the_resumed_commit(pair: Pair, port: int, rng, sargs) -> None:
         stop_proc(cli)
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("protocol,seed", both(range(5), (0, 3)))
 def test_kill9_of_the_secondary_during_the_failover_commit(pair, commit_window, seed):
     """256 MiB in hidden, 38 MiB in active, the primary dead: `replfs
     failover` on the secondary, and kill -9 of the secondary in its commit,

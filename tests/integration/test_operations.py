@@ -151,3 +151,17 @@ def test_kill9_under_load_leaves_no_mount(pair, seed):
             h.wait()
         stop.set()
         t.join(timeout=30)
+
+
+def test_two_disks_on_one_image_are_bad_input(tmp_path):
+    img = tmp_path / "a.img"
+    img.write_bytes(b"\0" * MiB)
+    (tmp_path / "link.img").symlink_to(img)
+    (tmp_path / "m").mkdir()
+    for other in (img, tmp_path / "link.img"):
+        r = replfs_cmd("secondary", tmp_path / "m", "--listen", "127.0.0.1:0",
+                       "--disk", f"a={img}", "--disk", f"b={other}", check=False)
+        assert r.returncode == 2, r
+        assert r.stderr == f"replfs: --disk b={other}: disk 'a' serves the same image " \
+                           f"(one image, one disk)\n"
+    assert not _proc.mounted(tmp_path / "m")

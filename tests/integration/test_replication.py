@@ -19,6 +19,12 @@ from tests.conftest import (BASE, MiB, PRIMARY, SECONDARY_VM, pread, pwrite, rea
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture(params=["sync", "checkpoint"])
+def protocol(request) -> str:
+    """Every test here runs with both write protocols of the primary."""
+    return request.param
+
 R0, R1, R2, R3, R4 = (i * 2 * MiB for i in range(5))
 
 
@@ -46,6 +52,7 @@ def test_primary_writes_replicate_and_view_keeps_checkpoint(pair):
 
     pwrite(p.file("disk0"), R0, fill(PRIMARY))
     pwrite(s.file("disk0"), R1, fill(SECONDARY_VM))
+    pair.settle()  # checkpoint mode: nothing queued any more
     # The primary's write is in both images; the view still shows the base.
     assert pread(pimg, R0, MiB) == fill(PRIMARY)
     assert pread(simg, R0, MiB) == fill(PRIMARY)
@@ -79,6 +86,7 @@ def test_divergent_writes_then_primary_dies_then_failover(pair):
     pwrite(p.file("disk0"), R3, fill(PRIMARY))             # primary first,
     pwrite(s.file("disk0"), R3, fill(SECONDARY_VM))        # then VM
     pwrite(p.file("disk0"), R4 + 68 * 1024, fill(0xA5, 4096))  # inside a cluster
+    pair.settle()
     assert pread(s.file("disk0"), R2, MiB) == fill(SECONDARY_VM)
     assert pread(s.file("disk0"), R3, MiB) == fill(SECONDARY_VM)
     assert pread(s.file("disk0"), R4, MiB) == fill(BASE)
@@ -149,6 +157,7 @@ def test_unaligned_small_and_last_byte_writes(pair):
     view = bytearray(fill(BASE, size))
     view[65536 * 3 + 5:65536 * 3 + 12] = b"\x33" * 7
     view[size - 2] = 0x33
+    pair.settle()
     assert read_all(p.file("disk0")) == bytes(expected_p)
     assert read_all(pair.pimgs["disk0"]) == bytes(expected_p)
     assert read_all(pair.simgs["disk0"]) == bytes(expected_p)
@@ -288,6 +297,7 @@ def test_qemu_io_odirect_on_primary_file(pair, require_tool):
                         "-c", f"read -P 0x22 {R0} 1M", p.file("disk0")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
+    pair.settle()
     assert pread(pair.simgs["disk0"], R0, MiB) == fill(PRIMARY)
     assert pread(pair.simgs["disk0"], R1 + 512, 4096) == fill(PRIMARY, 4096)
     assert read_all(pair.simgs["disk0"]) == read_all(pair.pimgs["disk0"])
@@ -360,6 +370,7 @@ def test_stop_then_unmount_exits_cleanly(pair):
     p, s = pair.primary, pair.secondary
     pwrite(p.file("disk0"), 0, fill(PRIMARY))
     pwrite(s.file("disk0"), MiB, fill(SECONDARY_VM))
+    pair.settle()
     s.action("stop")
     assert s.status()["state"] == "stopped"
     assert read_all(s.file("disk0")) == read_all(pair.simgs["disk0"]) == \
@@ -418,6 +429,7 @@ def test_signal_unmounts_cleanly_and_primary_degrades(pair, sig):
     pair.start({"disk0": 4 * MiB})
     p, s = pair.primary, pair.secondary
     pwrite(p.file("disk0"), 0, fill(PRIMARY), fsync=True)
+    pair.settle()  # checkpoint mode: the fsync is local, the secondary gets it streamed
     s.kill(sig)
     assert s.wait_exit(), s.log_text()
     assert not os.path.ismount(s.path)

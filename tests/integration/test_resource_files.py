@@ -5,6 +5,7 @@ different ports and mounts)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -215,3 +216,56 @@ def test_tls_and_allow_from_the_file(res, tmp_path):
     ok("--host", "beta", "down", path)
     assert not _proc.mounted(alpha) and not _proc.mounted(beta)
     assert _proc.wait_gone(pids[0], 10) and _proc.wait_gone(pids[1], 10)
+
+
+@pytest.fixture
+def replfs_on_system_path():
+    """mount.fuse3 runs `replfs` with no PATH of ours (sh's default): where
+    an operator's `pip install` puts it, /usr/local/bin.  Placed there for the
+    test (a two-line script running this venv's replfs) unless one exists."""
+    target = "/usr/local/bin/replfs"
+    if os.path.lexists(target):
+        yield
+        return
+    with open(target, "w") as f:
+        f.write(f"#!/bin/sh\nexec {sys.executable} -m replfs \"$@\"\n")
+    os.chmod(target, 0o755)
+    try:
+        yield
+    finally:
+        os.unlink(target)
+
+
+def test_mount_t_fuse_replfs(res, tmp_path, replfs_on_system_path):
+    """The mount helper: `mount -t fuse.replfs RES MOUNT -o role=...,host=...`
+    (mount(8) -> mount.fuse3 -> `replfs RES MOUNT -o ...`), as an fstab line
+    with _netdev would; role= must agree with the file; umount works."""
+    if not shutil.which("mount.fuse3"):
+        pytest.skip("mount.fuse3 (package fuse3) is not installed")
+    path, pids = res
+    alpha, beta = tmp_path / "mnt-alpha", tmp_path / "mnt-beta"
+    alpha.mkdir()
+    beta.mkdir()
+
+    def mount(*argv):
+        return subprocess.run(["mount", *map(str, argv)], capture_output=True, text=True,
+                              timeout=60)
+
+    r = mount("-t", "fuse.replfs", path, beta, "-o", "role=primary,host=beta,_netdev")
+    assert r.returncode != 0 and "not its primary" in r.stderr, r
+    assert not _proc.mounted(beta)
+    r = mount("-t", "fuse.replfs", path, beta, "-o", "role=secondary,host=beta,_netdev")
+    assert r.returncode == 0, r.stderr
+    r = mount("-t", "fuse.replfs", path, alpha, "-o", "role=primary,host=alpha,_netdev,nofail")
+    assert r.returncode == 0, r.stderr
+    for m in (alpha, beta):
+        assert _proc.mounted(m)
+        pids.append(int(replfs("status", m, "--json").stdout.split('"pid": ')[1].split(",")[0]))
+    pwrite(alpha / "disk0", OFF, bytes([PRIMARY]) * 8192, fsync=True)
+    ok("checkpoint", alpha)
+    ok("checkpoint", beta)
+    assert pread(beta / "disk0", OFF, 8192) == bytes([PRIMARY]) * 8192
+    for m, pid in ((alpha, pids[0]), (beta, pids[1])):
+        r = subprocess.run(["umount", str(m)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert _proc.wait_gone(pid, 20)

@@ -4,6 +4,7 @@ in-flight copies, ENOSPC in the hidden overlay, edges, checkpoint, failover.
 
 import errno
 import os
+import tempfile
 
 import pytest
 import trio
@@ -129,17 +130,27 @@ def test_snapshot_read_waits_for_copy_in_progress(tmp_path):
     raw.close()
 
 
-def test_hidden_enospc_leaves_disk_and_view_alone(tmp_path, monkeypatch):
+@pytest.mark.parametrize("copy_file_range", [True, False])
+def test_hidden_enospc_leaves_disk_and_view_alone(tmp_path, monkeypatch, copy_file_range):
+    # The copy goes through copy_file_range, or pread + pwrite where the
+    # kernel refuses it: ENOSPC from either fails the write.
     raw, disk, hidden, cbw = make(tmp_path, b"o" * 8 * CL)
-    real_pwrite = os.pwrite
+    hidden.data._copy_range_ok = copy_file_range
+    real_pwrite, real_copy = os.pwrite, os.copy_file_range
 
     def pwrite(fd, data, off):
         if fd == hidden.data._fd:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, off)
 
+    def copy(src, dst, *args):
+        if dst == hidden.data._fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst, *args)
+
     async def main():
         monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "copy_file_range", copy)
         for op in (
             lambda: cbw.write(CL, b"n" * 10),
             lambda: cbw.write_zeroes(2 * CL, 3 * CL),
@@ -174,3 +185,56 @@ def test_edges_and_close_graph(tmp_path):
     close_graph([active])  # the fault layer no longer closes raw: the graph does
     assert raw._closed and hidden.data._closed and active.data._closed
     close_graph([active])  # idempotent
+
+
+def test_whole_cluster_write_still_copies_the_old_data(tmp_path):
+    # A write that covers its clusters whole replaces all of their bytes,
+    # but hidden must still hold what it replaced: the snapshot shows it.
+    old = os.urandom(8 * CL)
+    raw, _, hidden, cbw = make(tmp_path, old)
+
+    async def main():
+        with trio.fail_after(10):
+            await cbw.write(2 * CL, b"n" * 3 * CL)
+            await cbw.write_zeroes(6 * CL, CL)
+            assert cbw.stats.clusters_copied == 4 and cbw.stats.bytes_copied == 4 * CL
+            assert await cbw.snapshot.read(0, 8 * CL) == old
+            assert await raw.read(2 * CL, 3 * CL) == b"n" * 3 * CL
+            assert await raw.read(6 * CL, CL) == bytes(CL)
+
+    trio.run(main)
+    hidden.close()
+    raw.close()
+
+
+def test_copy_across_file_systems_falls_back(tmp_path):
+    # The disk on tmpfs, hidden under tmp_path: copy_file_range says EXDEV
+    # and the copies go through pread + pwrite; the snapshot is the same.
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or not os.access(shm, os.W_OK) \
+            or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no writable /dev/shm on another file system than the test's tmp dir")
+    old = os.urandom(16 * CL + 7)
+    fd, path = tempfile.mkstemp(dir=shm, prefix="replfs-test-")
+    try:
+        os.write(fd, old)
+        os.close(fd)
+        raw = RawImage(path)
+        hidden = Overlay(tmp_path / "hidden", raw, cluster_size=CL)
+        cbw = CopyBeforeWrite(raw, hidden, cluster_size=2 * CL)
+
+        async def main():
+            with trio.fail_after(10):
+                await cbw.write(3 * CL + 1, b"n" * 10)  # copy cluster 1 = 2, 3
+                assert not hidden.data._copy_range_ok
+                await cbw.write(16 * CL, b"e" * 7)  # the short last cluster
+                assert hidden.bitmap.count == 3
+                assert await cbw.snapshot.read(0, len(old)) == old
+                await cbw.checkpoint()
+                assert await cbw.snapshot.read(0, len(old)) == await raw.read(0, len(old))
+
+        trio.run(main)
+        hidden.close()
+        raw.close()
+    finally:
+        os.unlink(path)

@@ -370,3 +370,78 @@ def test_one_tib_disk(tmp_path):
     trio.run(main)
     ov.close()
     back.close()
+
+
+# -- copy_in: the copy-before-write's primitive ----------------------------------------
+@pytest.mark.parametrize("through_nodes", [False, True])
+def test_copy_in_copies_what_is_not_held(tmp_path, through_nodes):
+    # A raw backing is copied with copy_file_range; any other node (here a
+    # fault layer with no rules) through read + write.  Same result.
+    size = 10 * CL + 100  # a short last cluster
+    content = os.urandom(size)
+    b = raw(tmp_path, content)
+    backing = FaultLayer(b, "") if through_nodes else b
+    ov = Overlay(tmp_path / "ov", backing, cluster_size=CL)
+    assert ov._raw_backing is not through_nodes
+
+    async def main():
+        with trio.fail_after(10):
+            await ov.write(2 * CL + 5, b"mine")  # cluster 2 is the overlay's own
+            assert await ov.copy_in(1, 4) == 2 * CL  # clusters 1 and 3, not 2
+            assert await ov.copy_in(1, 4) == 0
+            assert await ov.copy_in(3, 4) == 0  # one cluster, held
+            assert await ov.copy_in(10, 11) == 100  # the short last one
+            await b.write(0, b"X" * size)  # the backing changes afterwards
+            got = await ov.read(0, size)
+        want = bytearray(b"X" * size)
+        want[CL : 4 * CL] = content[CL : 4 * CL]
+        want[2 * CL + 5 : 2 * CL + 9] = b"mine"
+        want[10 * CL :] = content[10 * CL :]
+        assert got == want
+        assert [(s, e) for s, e in ov.bitmap.set_runs()] == [(1, 4), (10, 11)]
+        assert ov.stats.copies == 3 and ov.stats.bytes_copied == 2 * CL + 100
+
+    trio.run(main)
+    close_graph([ov, backing])
+
+
+def test_copy_in_failure_leaves_the_rest_unheld(tmp_path):
+    # The backing fails on its second read: the first run is held, the
+    # clusters of the run that failed are not (they still read through).
+    content = b"b" * 8 * CL
+    b = raw(tmp_path, content)
+    backing = FaultLayer(b, "read:EIO:skip=1:count=1")
+    ov = Overlay(tmp_path / "ov", backing, cluster_size=CL)
+
+    async def main():
+        with trio.fail_after(10):
+            await ov.write(2 * CL, b"m" * CL)  # split: runs [0, 2) and [3, 6)
+            with pytest.raises(BlockError) as e:
+                await ov.copy_in(0, 6)
+            assert e.value.errno == errno.EIO
+            assert [(s, e) for s, e in ov.bitmap.set_runs()] == [(0, 3)]
+            await ov.copy_in(0, 6)  # the retry copies the rest
+            assert [(s, e) for s, e in ov.bitmap.set_runs()] == [(0, 6)]
+
+    trio.run(main)
+    close_graph([ov, backing])
+
+
+def test_copy_in_waits_for_a_write_on_its_clusters(tmp_path):
+    # copy_in takes the exclusive lock: it waits for a write in progress
+    # there and then leaves that write's cluster alone (already held).
+    b = raw(tmp_path, b"b" * 4 * CL)
+    backing = FaultLayer(b, "delay=1")  # every backing request takes 1 s
+    ov = Overlay(tmp_path / "ov", backing, cluster_size=CL)
+
+    async def main():
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                n.start_soon(ov.write, CL + 1, b"w")  # reads the head: 1 s
+                await trio.sleep(0.5)
+                assert await ov.copy_in(0, 2) == CL  # cluster 0 only, after the write
+                assert trio.current_time() == 2.0  # 1 s wait, then 1 s copy
+            assert await ov.read(CL, 2) == b"bw"
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    close_graph([ov, backing])

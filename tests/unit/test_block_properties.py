@@ -178,7 +178,7 @@ class _FailingData:
 
     def __init__(self, data, ok: int):
         self.data, self.ok = data, ok
-        self.orig = {m: getattr(data, m) for m in ("writev", "write", "write_zeroes")}
+        self.orig = {m: getattr(data, m) for m in ("writev", "write", "write_zeroes", "copy_from")}
         for m in self.orig:
             setattr(data, m, self._wrap(self.orig[m]))
 

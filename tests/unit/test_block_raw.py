@@ -2,6 +2,7 @@
 
 import errno
 import os
+import tempfile
 import threading
 
 import pytest
@@ -326,3 +327,93 @@ def test_block_device_style_size(tmp_path):
     img = make(tmp_path, b"q" * 1000)
     assert img.size == 1000
     img.close()
+
+
+# -- copy_from: copy_file_range, and pread + pwrite where the kernel refuses it ---------
+def _other_fs_dir(tmp_path):
+    """A directory on another file system than ``tmp_path`` (tmpfs), or skip."""
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or not os.access(shm, os.W_OK) \
+            or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no writable /dev/shm on another file system than the test's tmp dir")
+    return shm
+
+
+@pytest.mark.parametrize("inline_max", [1 << 20, 0])  # inline, and in an I/O thread
+def test_copy_from_copies_the_range_at_the_same_offset(tmp_path, inline_max):
+    content = os.urandom(256 * 1024)
+    src = make(tmp_path, content)
+    dst = RawImage.create(tmp_path / "dst.img", len(content), inline_max=inline_max)
+
+    async def main():
+        with trio.fail_after(10):
+            await dst.copy_from(src, 4096, 64 * 1024)
+            await dst.copy_from(src, 200_000, 1)
+            await dst.copy_from(src, 0, 0)  # empty: nothing
+        want = bytearray(len(content))
+        want[4096 : 4096 + 65536] = content[4096 : 4096 + 65536]
+        want[200_000] = content[200_000]
+        assert await dst.read(0, len(content)) == want
+        assert dst._copy_range_ok  # same file system: the kernel copied
+
+    trio.run(main)
+    assert dst.stats.writes == 2 and dst.stats.bytes_written == 65537
+    src.close()
+    dst.close()
+    assert src._fd == -1 and dst._fd == -1
+
+
+@pytest.mark.parametrize("inline_max", [1 << 20, 0])
+def test_copy_from_falls_back_across_file_systems(tmp_path, inline_max):
+    # copy_file_range between two file systems fails with EXDEV (Linux >= 5.19):
+    # the image then copies with pread + pwrite, and remembers it.
+    shm = _other_fs_dir(tmp_path)
+    content = os.urandom(3 * 1024 * 1024 + 5)  # > the fallback's 1 MiB step
+    src = make(tmp_path, content)
+    fd, path = tempfile.mkstemp(dir=shm, prefix="replfs-test-")
+    os.close(fd)
+    try:
+        dst = RawImage.create(path, len(content), inline_max=inline_max)
+
+        async def main():
+            with trio.fail_after(10):
+                await dst.copy_from(src, 1, len(content) - 2)
+                assert await dst.read(0, len(content)) == b"\0" + content[1:-1] + b"\0"
+                assert not dst._copy_range_ok
+                await dst.copy_from(src, 0, 1)  # straight to the fallback now
+                assert (await dst.read(0, 1)) == content[:1]
+
+        trio.run(main)
+        dst.close()
+    finally:
+        os.unlink(path)
+    src.close()
+
+
+def test_copy_from_checks_and_errors(tmp_path):
+    src = make(tmp_path, b"s" * 8192)
+    ro = RawImage.create(tmp_path / "ro.img", 8192)
+    ro.close()
+    ro = RawImage(tmp_path / "ro.img", read_only=True)
+    dst = RawImage.create(tmp_path / "dst.img", 4096)
+
+    async def main():
+        with pytest.raises(BlockError) as e:
+            await ro.copy_from(src, 0, 4096)
+        assert e.value.errno == errno.EPERM
+        with pytest.raises(BlockError) as e:  # past this image's end
+            await dst.copy_from(src, 4096, 1)
+        assert e.value.errno == errno.ENOSPC
+        big = RawImage.create(tmp_path / "big.img", 3 * 4096)
+        with pytest.raises(BlockError) as e:  # past the source's end
+            await big.copy_from(src, 8000, 1000)
+        assert e.value.errno == errno.EINVAL
+        src.close()
+        with pytest.raises(BlockError) as e:
+            await big.copy_from(src, 0, 10)
+        assert e.value.errno == errno.EBADF
+        big.close()
+
+    trio.run(main)
+    ro.close()
+    dst.close()

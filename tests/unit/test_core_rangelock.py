@@ -123,3 +123,45 @@ def test_is_locked():
         assert not lock.is_locked(0, 4)
 
     run(main)
+
+
+def test_try_acquire_acquire_release():
+    # The hot path's form: try_acquire (sync) or await acquire, then release.
+    async def main():
+        with trio.fail_after(5):
+            lock = RangeLock()
+            a = lock.try_acquire(0, 10, True)
+            assert a is not None and lock.held == 1
+            assert lock.try_acquire(5, 6, False) is None  # conflicts: nothing queued
+            assert lock.held == 1 and lock.waiting == 0
+            b = lock.try_acquire(10, 20, False)  # adjacent
+            c = lock.try_acquire(3, 3, True)  # empty: granted, never listed
+            assert b is not None and c is not None and lock.held == 2
+            got = []
+
+            async def waiter(tag, start, end, exclusive):
+                req = await lock.acquire(start, end, exclusive)
+                got.append((tag, trio.current_time()))
+                await trio.sleep(1)
+                lock.release(req)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(waiter, "w", 5, 15, True)
+                await trio.testing.wait_all_tasks_blocked()
+                assert lock.waiting == 1
+                # A request behind a waiting one that it overlaps is refused too
+                # (FIFO), one that overlaps nothing is not.
+                assert lock.try_acquire(12, 13, False) is None
+                d = lock.try_acquire(30, 40, True)
+                assert d is not None
+                await trio.sleep(1)
+                lock.release(a)
+                lock.release(c)
+                await trio.sleep(1)
+                assert got == []  # b still holds 10..20
+                lock.release(b)
+                lock.release(d)
+            assert got == [("w", 2.0)]
+            assert lock.held == 0 and lock.waiting == 0
+
+    run(main)

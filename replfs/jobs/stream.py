@@ -1,0 +1,352 @@
+"""The checkpoint protocol's streamer: a continuous resync of the dirty record.
+
+Design note
+-----------
+Under COLO semantics the secondary needs the primary's writes by the next
+checkpoint, not before each write completes (a failover throws away every
+primary write since the last checkpoint anyway).  So in the *checkpoint*
+protocol (``replfs primary --protocol checkpoint``) a VM write completes
+when the local image has it (:meth:`replfs.block.mirror.Mirror._queued`):
+it marks its clusters in the disk's dirty record, exactly as a degraded
+primary's write does, and wakes this streamer.  The queue *is* the dirty
+record: cluster bits, no payload; memory is flat (2 MiB per TiB at 64 KiB
+clusters) plus, for clusters queued while replicating, which 4 KiB blocks
+of them were written (a dict bounded by the lag), so that a 4 KiB write
+sends 4 KiB, not its 64 KiB cluster.
+
+The streamer works in *rounds*, as :mod:`replfs.jobs.resync` does: windows
+of adjacent dirty clusters (``WINDOW``), several workers (several NBD writes
+in flight on the pipelined client), the data read back from the local
+image; then one FLUSH of every peer; only then are the copied clusters
+cleared.  What differs from the resync job, and why:
+
+* *which copies may be cleared*.  The resync job keeps a copy's bits when
+  the record was marked at all since the copy (``record.marks``), which is
+  rare there (a failed mirrored write) but here every VM write marks: it
+  would never clear anything under load.  So the streamer notes, while a
+  round runs, which clusters were marked (``remarked``); after the round's
+  flush it clears the copied clusters that are not among them;
+* *no range lock for the reads*.  Only the streamer sends to the peer in
+  this protocol, and a round's windows are disjoint, so there is no
+  ordering to keep between two sends of one cluster in a round, and rounds
+  follow each other (flushed).  A VM write that races a copy's read marks
+  its clusters after its local write returned, i.e. after the round began:
+  it is in ``remarked``, so the possibly torn copy is sent but not cleared,
+  and the next round sends the cluster again.  That is also what lets a
+  checkpoint hold every disk's whole range lock (:meth:`Mirror.barrier`:
+  no VM write in flight, new ones wait) while it drains;
+* *back-pressure*: while the lag (the records' dirty bytes) exceeds
+  ``max_lag``, VM writes wait before taking their range lock
+  (:meth:`room`), and are woken when a round clears bits (or the streamer
+  stops: the pair degraded, writes just mark).
+
+A failure of the peer (an error, or the controller's watchdog: the sends go
+through :meth:`Mirror.send`, so a request that waits longer than the
+timeout fails the secondary) is handed to ``on_error(mirror, reason)``, the
+controller's ``peer_failed``: the pair degrades as today, the record keeps
+every cluster not yet acknowledged and flushed, and the resync after the
+reconnect is the ordinary resync job.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+
+import trio
+
+from replfs.block.mirror import Mirror
+from replfs.errors import BlockError
+from replfs.jobs.resync import WINDOW, _runs
+
+log = logging.getLogger("replfs.stream")
+
+#: Concurrent windows of a round (NBD writes in flight).
+WORKERS = 16
+#: Sub-cluster precision of the queue: 4 KiB blocks (the VM's page).
+BLOCK = 4096
+#: A round ends (flush, clear) once it sent this much, so that writes held
+#: at max-lag are woken in steps rather than after the whole record.
+ROUND_MIN = 4 * 1024 * 1024
+ROUND_MAX = 64 * 1024 * 1024
+#: Seconds a round waits for more writes to batch, unless the lag is near
+#: max-lag or a checkpoint drains.  Design note: the streamer shares the
+#: daemon's one thread with the VM's requests; a round per 4 KiB write (a
+#: read, an NBD write, an NBD FLUSH and its sync on the secondary) cost about
+#: as much as the sync protocol's round trip, so the rounds batch instead
+#: (one FLUSH per round, the writes of a few milliseconds sent together).
+BATCH_DELAY = 0.01
+
+
+class _Queue:
+    """One disk's queue: its mirror and record, which blocks of which
+    clusters were written, and what a round copied."""
+
+    def __init__(self, mirror: Mirror) -> None:
+        rec = mirror.record
+        if rec is None:
+            raise ValueError(f"{mirror.name}: the checkpoint protocol needs a dirty record")
+        self.mirror = mirror
+        self.record = rec
+        self.cs = rec.cluster_size
+        self.bs = min(BLOCK, self.cs)
+        self.bshift = self.bs.bit_length() - 1
+        self.per_cluster = self.cs // self.bs
+        self.full = (1 << self.per_cluster) - 1
+        #: cluster -> bit mask of the blocks written since it was queued
+        #: (no entry: the whole cluster, e.g. marked while degraded).
+        self.blocks: dict[int, int] = {}
+        #: clusters marked while a round runs (None: no round).
+        self.remarked: set[int] | None = None
+        self.next = 0
+        self.window = max(1, WINDOW // self.cs)
+        self.copied: list[tuple[int, int]] = []  # cluster runs sent this round
+        self.peer = None
+
+    def note(self, offset: int, length: int) -> None:
+        """A write of ``[offset, offset+length)`` reached the local image."""
+        rec = self.record
+        rec.mark(offset, length)
+        c0, c1 = rec.outward(offset, length)
+        if self.remarked is not None:
+            self.remarked.update(range(c0, c1))
+        b0 = offset >> self.bshift
+        b1 = (offset + length + self.bs - 1) >> self.bshift
+        blocks, per = self.blocks, self.per_cluster
+        for c in range(c0, c1):
+            lo = max(b0 - c * per, 0)
+            hi = min(b1 - c * per, per)
+            blocks[c] = blocks.get(c, 0) | (((1 << (hi - lo)) - 1) << lo)
+
+    def take_window(self) -> tuple[int, int] | None:
+        rec = self.record
+        n = rec.nclusters
+        if self.next >= n:
+            return None
+        a = rec.bits.next_set(self.next, n)
+        if a >= n:
+            self.next = n
+            return None
+        b = min(a + self.window, n)
+        self.next = b
+        return a, b
+
+    def ranges(self, c0: int, c1: int) -> list[tuple[int, int]]:
+        """The byte ranges to send for the dirty clusters of ``[c0, c1)``
+        (their written blocks), adjacent ones merged; their masks are taken."""
+        rec, out = self.record, []
+        size = rec.size
+        for c in range(c0, c1):
+            if not rec.bits.test(c):
+                continue
+            mask = self.blocks.pop(c, self.full)
+            base = c * self.cs
+            if mask == self.full:
+                spans = [(base, base + self.cs)]
+            else:
+                spans = [(base + (a << self.bshift), base + (b << self.bshift))
+                         for a, b in _runs([i for i in range(self.per_cluster)
+                                            if mask >> i & 1])]
+            for a, b in spans:
+                b = min(b, size)
+                if a >= b:
+                    continue
+                if out and out[-1][1] == a:
+                    out[-1] = (out[-1][0], b)
+                else:
+                    out.append((a, b))
+        return out
+
+
+class Streamer:
+    """Streams the dirty records of a mount's mirrors to their peers."""
+
+    def __init__(self, mirrors: list[Mirror], *, max_lag: int,
+                 on_error: Callable[[Mirror, str], None], workers: int = WORKERS) -> None:
+        self.queues = {m.name: _Queue(m) for m in mirrors}
+        self._by_mirror = {id(q.mirror): q for q in self.queues.values()}
+        self.max_lag = max_lag
+        self.on_error = on_error
+        self.workers = workers
+        self.active = False
+        self.rounds = 0
+        self.sent_bytes = 0
+        self.flushes = 0
+        self._work = trio.Event()
+        self._room = trio.Event()
+        self._round_done = trio.Event()
+        self.failure: str | None = None
+        self._stopping = False
+        self._ended = trio.Event()
+        self._hurry = trio.Event()
+
+    # -- the VM's side (Mirror._queued) -------------------------------------------------
+    @property
+    def lag_bytes(self) -> int:
+        """Bytes queued: the dirty clusters of every disk."""
+        return sum(q.record.dirty_clusters * q.cs for q in self.queues.values())
+
+    @property
+    def lagging(self) -> bool:
+        return self.active and self.lag_bytes > self.max_lag
+
+    async def room(self) -> None:
+        """Wait until the lag is at most ``max_lag`` (or the streamer stops)."""
+        self._hurry.set()
+        while self.lagging:
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
+
+    def queued(self, mirror: Mirror, offset: int, length: int) -> None:
+        self._by_mirror[id(mirror)].note(offset, length)
+        self._work.set()
+
+    # -- attach / detach ---------------------------------------------------------------
+    def start(self) -> None:
+        """Put the streamer on the mirrors' write path."""
+        self.active = True
+        for q in self.queues.values():
+            q.mirror.stream = self
+
+    def stop(self) -> None:
+        """Take it off: writes go back to the mirror's own path; writers
+        held at max-lag and drains waiting are woken.  The caller cancels
+        :meth:`run` (the peer is dropped), or has waited for it to end
+        (:meth:`finish`): a round's copy must not reach the peer after a
+        write the mirror sends itself."""
+        self.active = False
+        for q in self.queues.values():
+            if q.mirror.stream is self:
+                q.mirror.stream = None
+            q.blocks.clear()
+            q.remarked = None
+        self._room.set()
+        self._work.set()
+        self._round_done.set()
+
+    async def finish(self) -> None:
+        """End after the round under way (its copies flushed); writes stay
+        queued meanwhile.  Then :meth:`stop`."""
+        self._stopping = True
+        self._hurry.set()
+        self._work.set()
+        await self._ended.wait()
+
+    # -- the background ----------------------------------------------------------------
+    async def run(self) -> None:
+        """Rounds while something is queued, until cancelled or stopped."""
+        try:
+            while self.active and not self._stopping:
+                if not any(q.record.bits.count for q in self.queues.values()):
+                    self._work = trio.Event()
+                    if not any(q.record.bits.count for q in self.queues.values()) \
+                            and not self._stopping:
+                        await self._work.wait()
+                    continue
+                if self.lag_bytes < self.max_lag // 2 and not self._stopping:
+                    if self._hurry.is_set() and not self.lagging:
+                        self._hurry = trio.Event()  # the writers held are let go
+                    with trio.move_on_after(BATCH_DELAY):
+                        await self._hurry.wait()
+                try:
+                    await self._round()
+                except Exception as exc:
+                    self._fail(exc)
+                    return
+        finally:
+            self._ended.set()
+            self._round_done.set()
+            self._room.set()
+
+    def _fail(self, exc: Exception) -> None:
+        while isinstance(exc, ExceptionGroup):  # a worker's, as itself
+            exc = exc.exceptions[0]
+        if isinstance(exc, BlockError):
+            why = f"streaming to the secondary failed: {exc}"
+        else:
+            log.error("stream: unexpected error", exc_info=exc)
+            why = f"streaming to the secondary failed: internal error {exc!r}"
+        self.failure = why
+        q = next(iter(self.queues.values()))
+        if self.active:
+            self.on_error(q.mirror, why)
+
+    async def _round(self) -> None:
+        qs = list(self.queues.values())
+        budget = min(max(self.max_lag // 4, ROUND_MIN), ROUND_MAX)
+        state = {"sent": 0}
+        for q in qs:
+            q.next, q.copied, q.remarked = 0, [], set()
+            q.peer = q.mirror.peer
+            if q.peer is None and q.record.bits.count:
+                raise BlockError(errno.ENOTCONN, f"{q.mirror.name}: no secondary")
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.workers):
+                    nursery.start_soon(self._worker, qs, state, budget)
+            async with trio.open_nursery() as nursery:
+                for q in qs:
+                    if q.copied:
+                        nursery.start_soon(self._flush, q)
+            for q in qs:  # flushed: clear what no write marked since the round began
+                rec, again = q.record, q.remarked
+                for a, b in q.copied:
+                    if not again:
+                        rec.clear(a, b)
+                        continue
+                    for x, y in _runs([c for c in range(a, b) if c not in again]):
+                        rec.clear(x, y)
+        finally:
+            for q in qs:
+                q.remarked, q.copied, q.peer = None, [], None
+            self.rounds += 1
+            self._round_done.set()
+            self._round_done = trio.Event()
+            self._room.set()
+
+    async def _worker(self, qs: list[_Queue], state: dict, budget: int) -> None:
+        for q in qs:
+            while self.active and state["sent"] < budget and \
+                    (w := q.take_window()) is not None:
+                c0, c1 = w
+                ranges = q.ranges(c0, c1)
+                q.copied.extend(_runs([c for c in range(c0, c1) if q.record.bits.test(c)]))
+                for a, b in ranges:
+                    data = await q.mirror.local.read(a, b - a)
+                    await self._send(q, lambda p, a=a, d=data: p.write(a, d))
+                    state["sent"] += b - a
+                    self.sent_bytes += b - a
+
+    async def _send(self, q: _Queue, call) -> None:
+        peer = q.mirror.peer
+        if peer is None or peer is not q.peer:
+            raise BlockError(errno.ENOTCONN, f"{q.mirror.name}: the secondary is gone")
+        await q.mirror.send(peer, call)
+
+    async def _flush(self, q: _Queue) -> None:
+        await self._send(q, lambda p: p.flush())
+        self.flushes += 1
+
+    # -- a checkpoint's drain -------------------------------------------------------------
+    async def drain(self) -> None:
+        """Return once every disk's record is empty and flushed by the
+        secondary.  The caller holds every mirror's barrier (no new writes)."""
+        while True:
+            if not self.active:
+                raise BlockError(errno.ENOTCONN, self.failure or
+                                 "checkpoint: the secondary is gone (nothing was drained)")
+            if not any(q.record.bits.count for q in self.queues.values()):
+                return
+            done = self._round_done
+            self._hurry.set()
+            self._work.set()
+            try:
+                await done.wait()
+            finally:
+                self._hurry = trio.Event()
+
+    def statistics(self) -> dict:
+        return {"rounds": self.rounds, "sent_bytes": self.sent_bytes,
+                "flushes": self.flushes}
