@@ -498,3 +498,38 @@ async def test_our_own_protocol_error_carries_its_errno_hint():
             await srv.connect("x" * 5000)  # too long to send: our mistake, not the server's
         assert info.value.errno == errno.EINVAL
         assert srv.server.protocol_errors == 0
+
+
+@trio_test()
+async def test_write_batch_sends_many_writes_and_waits_once():
+    """NBDClient.write_batch (the checkpoint protocol's streamer): every write
+    lands; an error on one is raised after all replies came; a batch that
+    does not fit is refused before anything is sent; a lost connection fails
+    the waiting batch."""
+    node = MemNode(8 * MiB, fail={5 * MiB: errno.ENOSPC})
+    async with serving(node) as srv, srv.client() as c:
+        rng = random.Random(4)
+        items = [(rng.randrange(0, 1024) * 4096, bytes([i % 251 + 1]) * 4096) for i in range(300)]
+        await c.write_batch(items)
+        expect = bytearray(8 * MiB)
+        for off, data in items:
+            expect[off:off + len(data)] = data
+        assert await c.read(0, 4 * MiB) == bytes(expect[:4 * MiB])
+        assert c.statistics()["in_flight"] == 0
+        with pytest.raises(BlockError) as err:  # one failing write in the middle
+            await c.write_batch([(0, b"a" * 4096), (5 * MiB, b"b" * 4096), (8192, b"c" * 4096)])
+        assert err.value.errno == errno.ENOSPC
+        assert await c.read(8192, 4096) == b"c" * 4096  # the others landed
+        with pytest.raises(BlockError):  # beyond the end: refused up front, nothing sent
+            await c.write_batch([(12288, b"d" * 4096), (8 * MiB, b"e" * 4096)])
+        assert await c.read(12288, 4096) == bytes(expect[12288:16384])
+        await c.write_batch([])
+    node = MemNode(8 * MiB, gated=True)
+    async with serving(node) as srv, srv.client() as c:
+        async with trio.open_nursery() as n:
+            async def batch():
+                with pytest.raises(BlockError):
+                    await c.write_batch([(i * 4096, b"x" * 4096) for i in range(8)])
+            n.start_soon(batch)
+            await wait_until(lambda: c.statistics()["in_flight"] >= 1)
+            c.abort("test: connection lost")
