@@ -586,6 +586,13 @@ async def _claim(sock, core: ClientConnection, claim: bytes, export_name: str, w
         return
     if type(ev) is not OptionError:
         raise RemoteProtocolError(f"unexpected answer to replfs's option: {ev!r}")
+    await _refused(sock, core, ev, export_name, where)
+
+
+async def _refused(sock, core: ClientConnection, ev: OptionError, export_name: str, where: str):
+    """The server refused the export with ``ev``: disconnect softly
+    ("Termination of the session during option haggling"; mandatory after
+    NBD_REP_ERR_SHUTDOWN), then raise :class:`ExportRefusedError`."""
     try:
         await sock.send_buffers([core.send(OptAbort())])
     except (OSError, trio.BrokenResourceError, ProtocolError):
@@ -608,17 +615,7 @@ async def _negotiate(sock, core: ClientConnection, export_name: str, where: str,
         if type(ev) is ExportInfo:
             return ev
         if type(ev) is OptionError and ev.reply_type != P.NBD_REP_ERR_UNSUP:
-            # Soft disconnect ("Termination of the session during option
-            # haggling"; mandatory after NBD_REP_ERR_SHUTDOWN).
-            try:
-                await sock.send_buffers([core.send(OptAbort())])
-            except (OSError, trio.BrokenResourceError, ProtocolError):
-                pass
-            err = _REFUSAL_ERRNO.get(ev.reply_type, errno.EIO)
-            text = f": {ev.message}" if ev.message else ""
-            raise ExportRefusedError(
-                err, f"{where}: server refused export {export_name!r} ({ev.reply_name}){text}", ev.reply_type
-            )
+            await _refused(sock, core, ev, export_name, where)
         if type(ev) is not OptionError:
             raise RemoteProtocolError(f"unexpected answer to NBD_OPT_GO: {ev!r}")
     # Fallback: the server does not know NBD_OPT_GO.

@@ -193,20 +193,18 @@ def gen(g: int) -> str:
     return f"{g:016x}"
 
 
-def decide(name: str, mine: dict, peer: dict, *, discard: bool = False) -> Decision:
+def decide(name: str, mine: dict, peer: dict) -> Decision:
     """The primary's decision for one disk from both sides' ``describe()``.
-
-    ``discard``: the secondary was started with ``--discard-my-data``.
 
     A secondary that took writes of its own and did not fail over is an old
     primary restarted as a secondary: it gives its writes since the common
     generation up (COLO's failover discards them by definition), and the
     resync overwrites them ("reprotect": this primary's record plus the
     secondary's own changes, which the caller fetches).  One that failed
-    over as well is a split brain, unless it was told to discard its data.
+    over as well is a split brain, unless it was started with
+    ``--discard-my-data``: it gave its failover up before serving (its
+    ``failover`` is empty here), so it counts as re-protect.
     """
-    if discard:
-        peer = {**peer, "failover": ""}
     if peer.get("failover"):
         return Decision("split-brain",
                         f"disk {name}: split brain: the secondary failed over (generation "

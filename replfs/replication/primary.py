@@ -357,9 +357,7 @@ class PrimaryController(Controller):
         if missing:
             raise PeerMismatch(f"the secondary {self.secondary} has no disk named "
                                f"{', '.join(missing)} (it has: {', '.join(peer_disks)})")
-        discard = bool(reply.get("discard_my_data"))
-        decisions = {n: decide(n, st.describe(), peer_disks[n], discard=discard)
-                     for n, st in self.states.items()}
+        decisions = {n: decide(n, st.describe(), peer_disks[n]) for n, st in self.states.items()}
         split = [d.reason for d in decisions.values() if d.action == "split-brain"]
         if split:
             line = (f"{'; '.join(split)}: refused, nothing written; keep the side whose data "

@@ -212,7 +212,7 @@ class SecondaryController(Controller):
                 raise ControlRefused(P.NBD_REP_ERR_POLICY, refusal)
             self.protocol = "checkpoint" if request.get("protocol") == "checkpoint" else "sync"
             return {"disks": {n: st.describe() for n, st in self.states.items()},
-                    "state": self.state, "discard_my_data": self.discard_my_data}
+                    "state": self.state}
         if op == "own-changes":
             st = self.states.get(request.get("disk"))
             if st is None:

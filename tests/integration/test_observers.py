@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import subprocess
 import threading
 
 import pytest
 
-from tests.conftest import BASE, MiB, read_all
+from tests.conftest import BASE, MiB, pwrite, read_all
 
 pytestmark = pytest.mark.integration
 
@@ -29,14 +28,6 @@ def url(pair) -> str:
     return f"nbd://{pair.secondary.status()['listen']}/disk0"
 
 
-def pwrite(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def test_a_second_reader_reads_the_secondary_disk_while_the_primary_writes(pair, tmp_path,
                                                                            require_tool,
@@ -44,7 +35,7 @@ def test_a_second_reader_reads_the_secondary_disk_while_the_primary_writes(pair,
     require_tool("qemu-img")
     pair.start({"disk0": SIZE})
     pfile = pair.primary.file("disk0")
-    pwrite(pfile, 0, b"\x22" * MiB)
+    pwrite(pfile, 0, b"\x22" * MiB, fsync=True)
     pair.checkpoint()
     out = tmp_path / "copy.img"
     # While a writer keeps the primary busy, a whole-disk read through NBD
@@ -57,7 +48,7 @@ def test_a_second_reader_reads_the_secondary_disk_while_the_primary_writes(pair,
         rng = random.Random(7)
         while not stop.is_set():
             off = rng.randrange(0, SIZE // 4096) * 4096
-            pwrite(pfile, off, b"\x22" * 4096)
+            pwrite(pfile, off, b"\x22" * 4096, fsync=True)
 
     t = threading.Thread(target=writer)
     t.start()
@@ -96,7 +87,7 @@ def test_an_observer_cannot_write(pair, require_tool, tool_env):
     assert sha(read_all(pair.simgs["disk0"])) == before
     assert pair.primary.status()["state"] == "replicating"
     # the primary's own writes still reach the secondary
-    pwrite(pair.primary.file("disk0"), 0, b"\x22" * 4096)
+    pwrite(pair.primary.file("disk0"), 0, b"\x22" * 4096, fsync=True)
     pair.checkpoint()
     assert read_all(pair.simgs["disk0"])[:4096] == b"\x22" * 4096
 

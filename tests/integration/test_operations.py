@@ -15,18 +15,10 @@ import time
 import pytest
 
 from tests import _proc
-from tests.conftest import BASE, MiB, PRIMARY, read_all, replfs_cmd
+from tests.conftest import BASE, MiB, PRIMARY, pwrite, read_all, replfs_cmd
 
 pytestmark = pytest.mark.integration
 
-
-def pwrite(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_status_gives_up_on_a_stopped_daemon(pair):
@@ -55,7 +47,7 @@ def test_status_timeout_must_be_positive(pair):
 
 def test_a_second_secondary_on_the_same_workdir_and_disk_name_is_refused(pair, tmp_path):
     pair.start({"disk0": 4 * MiB})
-    pwrite(pair.primary.file("disk0"), 0, bytes([PRIMARY]) * MiB)  # hidden now holds 0x11
+    pwrite(pair.primary.file("disk0"), 0, bytes([PRIMARY]) * MiB, fsync=True)  # hidden now holds 0x11
     other_img = tmp_path / "other.img"
     other_img.write_bytes(b"\0" * 4 * MiB)
     mnt = tmp_path / "mnt-other"
@@ -79,7 +71,7 @@ def test_stop_keeps_why_a_primary_degraded(pair):
     pair.start({"disk0": 4 * MiB})
     pair.secondary.kill()
     pair.secondary.wait_exit()
-    pwrite(pair.primary.file("disk0"), 0, bytes([PRIMARY]) * 65536)
+    pwrite(pair.primary.file("disk0"), 0, bytes([PRIMARY]) * 65536, fsync=True)
     st = pair.primary.status()
     assert st["state"] == "degraded"
     reason = st["last_error"]

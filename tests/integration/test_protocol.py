@@ -15,7 +15,7 @@ import pytest
 from tests import _proc
 from tests.conftest import BASE, MiB, PRIMARY, SECONDARY_VM, pread, pwrite, read_all, replfs_cmd
 from tests.faultproxy import FaultProxy
-from tests.integration.test_replication import fill, wait_for
+from tests.integration.test_replication import fill
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ import time
 import pytest
 
 from tests import _proc
-from tests.conftest import BASE, MiB, PRIMARY, SECONDARY_VM, Mount, make_image, read_all, \
-    replfs_cmd
+from tests.conftest import BASE, MiB, PRIMARY, SECONDARY_VM, Mount, make_image, pread, pwrite, \
+    read_all, replfs_cmd
 from tests.faultproxy import FaultProxy
 from tests.integration.test_replication import wait_for
 
@@ -33,21 +33,6 @@ def sha(path) -> str:
     return hashlib.sha256(read_all(path)).hexdigest()
 
 
-def pwrite(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def pread(path: str, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
 
 
 def state(m: Mount) -> str | None:
@@ -152,7 +137,7 @@ def test_reprotect_and_fail_back_three_times_without_a_full_copy(hosts):
     s = hs.secondary("b")
     p = hs.primary("a")
     pfile = p.file("disk0")
-    pwrite(pfile, 0, bytes([PRIMARY]) * 8 * MiB)
+    pwrite(pfile, 0, bytes([PRIMARY]) * 8 * MiB, fsync=True)
     checkpoint(p, s)
     roles = {"a": p, "b": s}
     prim, sec = "a", "b"
@@ -162,7 +147,7 @@ def test_reprotect_and_fail_back_three_times_without_a_full_copy(hosts):
         diverged = 0
         for _ in range(16):
             off = rng.randrange(size // MiB) * MiB
-            pwrite(p.file("disk0"), off, bytes([PRIMARY + cycle]) * MiB)
+            pwrite(p.file("disk0"), off, bytes([PRIMARY + cycle]) * MiB, fsync=True)
             diverged += MiB
         hs.kill(p)
         wait_for(lambda: not s.status()["peer_connected"], 10, "the secondary to notice")
@@ -171,7 +156,7 @@ def test_reprotect_and_fail_back_three_times_without_a_full_copy(hosts):
         # the survivor's VM writes, before and during the re-protect
         for _ in range(16):
             off = rng.randrange(size // MiB) * MiB
-            pwrite(s.file("disk0"), off, bytes([SECONDARY_VM]) * MiB)
+            pwrite(s.file("disk0"), off, bytes([SECONDARY_VM]) * MiB, fsync=True)
             diverged += MiB
         stop = threading.Event()
         written = []
@@ -180,7 +165,7 @@ def test_reprotect_and_fail_back_three_times_without_a_full_copy(hosts):
             r = random.Random(seed)
             while not stop.is_set():
                 off = r.randrange(size // 65536) * 65536
-                pwrite(m.file("disk0"), off, bytes([0x40 + cycle]) * 65536)
+                pwrite(m.file("disk0"), off, bytes([0x40 + cycle]) * 65536, fsync=True)
                 written.append(off)
 
         new_sec = hs.secondary(prim)   # the old primary, restarted as a secondary
@@ -216,7 +201,7 @@ def test_a_failed_reprotect_leaves_the_mount_failed_over(hosts):
     hs = hosts(16 * MiB)
     s = hs.secondary("b")
     p = hs.primary("a")
-    pwrite(p.file("disk0"), 0, bytes([PRIMARY]) * MiB)
+    pwrite(p.file("disk0"), 0, bytes([PRIMARY]) * MiB, fsync=True)
     checkpoint(p, s)
     hs.kill(p)
     replfs_cmd("failover", s.path)
@@ -225,7 +210,7 @@ def test_a_failed_reprotect_leaves_the_mount_failed_over(hosts):
     assert r.returncode == 1, r
     st = s.status()
     assert st["role"] == "secondary" and st["state"] == "failed-over", st
-    pwrite(s.file("disk0"), MiB, bytes([SECONDARY_VM]) * MiB)  # the VM still writes
+    pwrite(s.file("disk0"), MiB, bytes([SECONDARY_VM]) * MiB, fsync=True)  # the VM still writes
     # and a later re-protect works
     new_sec = hs.secondary("a")
     reprotect(hs, s, "a")
@@ -241,13 +226,13 @@ def test_split_brain_refused_then_resolved_with_discard_my_data(hosts, victim):
     hs = hosts(32 * MiB)
     s = hs.secondary("b")
     p = hs.primary("a")
-    pwrite(p.file("disk0"), 0, bytes([PRIMARY]) * 4 * MiB)
+    pwrite(p.file("disk0"), 0, bytes([PRIMARY]) * 4 * MiB, fsync=True)
     checkpoint(p, s)
     hs.proxy["b"].blackhole()      # the link goes dark; each side thinks the other died
     replfs_cmd("failover", s.path)
     replfs_cmd("failover", p.path)  # the primary drops its secondary on purpose, too
-    pwrite(p.file("disk0"), 8 * MiB, bytes([PRIMARY]) * MiB)
-    pwrite(s.file("disk0"), 16 * MiB, bytes([SECONDARY_VM]) * MiB)
+    pwrite(p.file("disk0"), 8 * MiB, bytes([PRIMARY]) * MiB, fsync=True)
+    pwrite(s.file("disk0"), 16 * MiB, bytes([SECONDARY_VM]) * MiB, fsync=True)
     hs.proxy["b"].restore()
     if victim == "a":
         # b keeps its data and re-protects; a, restarted as a secondary, is refused
@@ -384,7 +369,7 @@ def test_a_reprotected_survivor_killed_restarts_as_a_primary(hosts):
     hs = hosts(64 * MiB)
     s = hs.secondary("b")
     p = hs.primary("a")
-    pwrite(p.file("disk0"), 0, bytes([PRIMARY]) * 4 * MiB)
+    pwrite(p.file("disk0"), 0, bytes([PRIMARY]) * 4 * MiB, fsync=True)
     checkpoint(p, s)
     hs.kill(p)
     replfs_cmd("failover", s.path)
@@ -397,7 +382,8 @@ def test_a_reprotected_survivor_killed_restarts_as_a_primary(hosts):
         r = random.Random(3)
         try:
             while not stop.is_set():
-                pwrite(s.file("disk0"), r.randrange(1024) * 65536, bytes([SECONDARY_VM]) * 65536)
+                pwrite(s.file("disk0"), r.randrange(1024) * 65536,
+                       bytes([SECONDARY_VM]) * 65536, fsync=True)
         except OSError:
             pass  # the daemon is gone
 
@@ -425,16 +411,16 @@ def test_kill9_during_reprotect_then_the_pair_heals(hosts, seed):
     hs = hosts(size)
     s = hs.secondary("b")
     p = hs.primary("a")
-    pwrite(p.file("disk0"), 0, bytes([PRIMARY]) * 8 * MiB)
+    pwrite(p.file("disk0"), 0, bytes([PRIMARY]) * 8 * MiB, fsync=True)
     checkpoint(p, s)
     for _ in range(48):
-        pwrite(p.file("disk0"), rng.randrange(size // MiB) * MiB, bytes([PRIMARY]) * MiB)
+        pwrite(p.file("disk0"), rng.randrange(size // MiB) * MiB, bytes([PRIMARY]) * MiB, fsync=True)
     hs.kill(p)
     replfs_cmd("failover", s.path)
     acked: dict[int, int] = {}
     for i in range(48):
         off = rng.randrange(size // MiB) * MiB
-        pwrite(s.file("disk0"), off, (i + 1).to_bytes(4, "little") * (MiB // 4))
+        pwrite(s.file("disk0"), off, (i + 1).to_bytes(4, "little") * (MiB // 4), fsync=True)
         acked[off] = i + 1
     a2 = hs.secondary("a")
     victim = ("survivor", "new-secondary")[seed % 2]
