@@ -417,3 +417,27 @@ def test_copy_from_checks_and_errors(tmp_path):
     trio.run(main)
     ro.close()
     dst.close()
+
+
+@pytest.mark.parametrize("inline_max", [rawmod.INLINE_MAX, 4096])
+def test_large_writes_go_in_pieces_and_land_whole(tmp_path, monkeypatch, inline_max):
+    # a write larger than WRITE_PIECE is issued as several pwrite calls (the
+    # kernel then keeps the page cache in small folios); the bytes land as one
+    size = 3 * rawmod.WRITE_PIECE + 1000
+    img = make(tmp_path, b"\x11" * (size + 8192), inline_max=inline_max)
+    calls = []
+    real = os.pwrite
+    monkeypatch.setattr(rawmod.os, "pwrite", lambda fd, d, o: calls.append(len(d)) or real(fd, d, o))
+    data = bytes(range(256)) * (size // 256) + b"\x22" * (size % 256)
+
+    async def main():
+        await img.write(100, data)
+        await img.writev(100 + size, [bytearray(b"\x33" * 5000), memoryview(b"\x44" * 3000)])
+        assert await img.read(0, 100) == b"\x11" * 100
+        assert await img.read(100, size) == data
+        assert await img.read(100 + size, 8000) == b"\x33" * 5000 + b"\x44" * 3000
+        assert await img.read(100 + size + 8000, 92) == b"\x11" * 92
+
+    trio.run(main)
+    img.close()
+    assert max(calls) <= rawmod.WRITE_PIECE and calls[:4] == [rawmod.WRITE_PIECE] * 3 + [1000]
