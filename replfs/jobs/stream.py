@@ -17,35 +17,42 @@ sends 4 KiB, not its 64 KiB cluster.
 The streamer works in *rounds*, as :mod:`replfs.jobs.resync` does: windows
 of adjacent dirty clusters (``WINDOW``), several workers (several NBD writes
 in flight on the pipelined client), the data read back from the local
-image; then one FLUSH of every peer; only then are the copied clusters
-cleared.  What differs from the resync job, and why:
+image, sent in batches; a batch's clusters are cleared once the peer
+acknowledged it.  What differs from the resync job, and why:
 
 * *which copies may be cleared*.  The resync job keeps a copy's bits when
   the record was marked at all since the copy (``record.marks``), which is
   rare there (a failed mirrored write) but here every VM write marks: it
   would never clear anything under load.  So the streamer notes, while a
-  round runs, which clusters were marked (``remarked``); after the round's
-  flush it clears the copied clusters that are not among them;
+  round runs, which clusters were marked (``remarked``); once a batch is
+  acknowledged it clears the batch's clusters that are not among them;
+* *no FLUSH per round*: a write the peer acknowledged is in its page cache,
+  as a sync-protocol write is when it completes, and the same activity log
+  covers a secondary that crashes and loses it (its hot extents are compared
+  at the reconnect).  The checkpoint's drain sends the one FLUSH that makes
+  the checkpoint durable.  (A FLUSH per round cost an ``fdatasync`` on the
+  secondary every 10 ms, and held writers at max-lag until it returned);
 * *no range lock for the reads*.  Only the streamer sends to the peer in
   this protocol, and a round's windows are disjoint, so there is no
   ordering to keep between two sends of one cluster in a round, and rounds
-  follow each other (flushed).  A VM write that races a copy's read marks
+  follow each other (a round ends when all its batches are acknowledged).  A VM write that races a copy's read marks
   its clusters after its local write returned, i.e. after the round began:
   it is in ``remarked``, so the possibly torn copy is sent but not cleared,
   and the next round sends the cluster again.  That is also what lets a
   checkpoint hold every disk's whole range lock (:meth:`Mirror.barrier`:
   no VM write in flight, new ones wait) while it drains;
-* *back-pressure*: while the lag (the records' dirty bytes) exceeds
-  ``max_lag``, VM writes wait before taking their range lock
-  (:meth:`room`), and are woken when a round clears bits (or the streamer
-  stops: the pair degraded, writes just mark).
+* *back-pressure*: while the lag (the bytes queued: the 4 KiB blocks
+  written, a cluster marked some other way whole) exceeds ``max_lag``, VM
+  writes wait before taking their range lock (:meth:`room`), and are woken
+  when a batch clears bits (or the streamer stops: the pair degraded,
+  writes just mark).
 
 A failure of the peer (an error, or the controller's watchdog: the sends go
 through :meth:`Mirror.send`, so a request that waits longer than the
 timeout fails the secondary) is handed to ``on_error(mirror, reason)``, the
 controller's ``peer_failed``: the pair degrades as today, the record keeps
-every cluster not yet acknowledged and flushed, and the resync after the
-reconnect is the ordinary resync job.
+every cluster not yet acknowledged, and the resync after the reconnect is
+the ordinary resync job.
 """
 
 from __future__ import annotations
@@ -74,16 +81,17 @@ BATCH_REQUESTS = 64
 BATCH_BYTES = 1024 * 1024
 #: Sub-cluster precision of the queue: 4 KiB blocks (the VM's page).
 BLOCK = 4096
-#: A round ends (flush, clear) once it sent this much, so that writes held
+#: A round ends once it sent this much (the walk starts over from the first
+#: cluster, with a fresh ``remarked``), so that writes held
 #: at max-lag are woken in steps rather than after the whole record.
 ROUND_MIN = 1024 * 1024
 ROUND_MAX = 64 * 1024 * 1024
 #: Seconds a round waits for more writes to batch, unless the lag is near
 #: max-lag or a checkpoint drains.  Design note: the streamer shares the
 #: daemon's one thread with the VM's requests; a round per 4 KiB write (a
-#: read, an NBD write, an NBD FLUSH and its sync on the secondary) cost about
-#: as much as the sync protocol's round trip, so the rounds batch instead
-#: (one FLUSH per round, the writes of a few milliseconds sent together).
+#: read, an NBD write and its reply) cost about as much as the sync
+#: protocol's round trip, so the rounds batch instead (the writes of a few
+#: milliseconds sent together).
 BATCH_DELAY = 0.01
 
 
@@ -300,7 +308,7 @@ class Streamer:
         self._round_done.set()
 
     async def finish(self) -> None:
-        """End after the round under way (its copies flushed); writes stay
+        """End after the round under way (its copies acknowledged); writes stay
         queued meanwhile.  Then :meth:`stop`."""
         self._stopping = True
         self._hurry.set()

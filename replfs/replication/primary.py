@@ -541,7 +541,7 @@ class PrimaryController(Controller):
             self._stream_scope = None
 
     async def _finish_stream(self) -> None:
-        """End the streamer after its round under way (flushed), so that no
+        """End the streamer after its round under way (acknowledged), so that no
         copy of it reaches the secondary after a write mirrored in sync."""
         streamer = self.streamer
         if streamer is not None:
