@@ -37,6 +37,11 @@ def ratios(results: dict) -> dict:
                 x, y = a.get(what, {}).get(k), b.get(what, {}).get(k)
                 if x is not None and y:
                     out[key].setdefault(mine, {})[what] = x / y
+            # the checkpoint protocol's target: its checkpoint less the drain
+            c, y = a.get("checkpoint", {}), b.get("checkpoint", {}).get("total_s")
+            if c.get("drain_s") is not None and c.get("total_s") is not None and y:
+                out[key].setdefault(mine, {})["checkpoint-less-drain"] = \
+                    max(0.0, c["total_s"] - c["drain_s"]) / y
     return out
 
 
@@ -92,9 +97,14 @@ def targets(results: dict) -> list[dict]:
             "min", vs="vs_raw")
     add("checkpoint after a dirtying run", "sync", "primary", "checkpoint", 1.0, "max")
     c = rows.get("primary-ckpt", {}).get("checkpoint", {})
-    add("checkpoint after a dirtying run (drain included"
-        + (f": {c['total_s']:.3f} s" if c.get("total_s") is not None else "") + ")",
-        "checkpoint", "primary-ckpt", "checkpoint", 1.0, "max")
+    if c.get("drain_s") is not None:  # the goal: <= QEMU's + the drain, reported
+        add(f"checkpoint after a dirtying run, less its drain ({c['total_s']:.3f} s, "
+            f"drain {c['drain_s']:.3f} s)", "checkpoint", "primary-ckpt",
+            "checkpoint-less-drain", 1.0, "max")
+    else:
+        add("checkpoint after a dirtying run (drain included"
+            + (f": {c['total_s']:.3f} s" if c.get("total_s") is not None else "") + ")",
+            "checkpoint", "primary-ckpt", "checkpoint", 1.0, "max")
     return out
 
 

@@ -111,7 +111,9 @@ class ReplfsRow(Row):
         secondary-alone checkpoint is refused in that mode), timed as a whole."""
         if self.protocol == "checkpoint":
             t = timed_write(os.path.join(self.pmnt, ".replfs", "checkpoint"), "pair")
-            return {"primary_s": t, "secondary_s": None, "total_s": t, "pair": True}
+            drain = self._status(self.pmnt).get("last_checkpoint_drain_s")
+            return {"primary_s": t, "secondary_s": None, "total_s": t, "pair": True,
+                    "drain_s": drain}
         tp = timed_write(os.path.join(self.pmnt, ".replfs", "checkpoint"))
         ts = timed_write(os.path.join(self.smnt, ".replfs", "checkpoint"))
         return {"primary_s": tp, "secondary_s": ts, "total_s": tp + ts}
