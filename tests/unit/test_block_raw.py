@@ -441,3 +441,41 @@ def test_large_writes_go_in_pieces_and_land_whole(tmp_path, monkeypatch, inline_
     trio.run(main)
     img.close()
     assert max(calls) <= rawmod.WRITE_PIECE and calls[:4] == [rawmod.WRITE_PIECE] * 3 + [1000]
+
+
+def test_sequential_reads_read_ahead_and_random_ones_do_not(tmp_path, monkeypatch):
+    # readahead is off on the fd (small folios); a sequential reader gets
+    # WILLNEED READAHEAD bytes ahead, asked again when half of it is read
+    ra = rawmod.READAHEAD
+    size = 12 * ra
+    img = make(tmp_path, bytes(size))
+    asked = []
+    real = os.posix_fadvise
+
+    def fadvise(fd, off, n, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            asked.append((off, n))
+        return real(fd, off, n, advice)
+
+    monkeypatch.setattr(rawmod.os, "posix_fadvise", fadvise)
+    step = 128 * 1024
+
+    async def main():
+        await img.read(ra, step)  # a first read: nothing known yet
+        assert asked == []
+        for off in range(0, 2 * ra, step):  # a sequential pass from 0
+            await img.read(off, step)
+        assert asked[0] == (2 * step, ra), asked  # at the second read: READAHEAD past it
+        assert all(b[0] == a[0] + a[1] for a, b in zip(asked, asked[1:])), asked  # contiguous
+        assert len(asked) == 3  # 2 x READAHEAD read: asked at 0.06, 0.5 and 1.5 x READAHEAD
+        asked.clear()
+        for off in (7 * ra, 17 * 4096, 5 * ra + 8192, 5 * 4096):  # random: none
+            await img.read(off, 4096)
+        assert asked == []
+        for off in range(0, 3 * step, step):  # a second pass from 0 reads ahead again
+            await img.read(off, step)
+        assert asked and asked[0] == (2 * step, ra)
+        assert img.statistics()["readaheads"] == 3 + len(asked)
+
+    trio.run(main)
+    img.close()
