@@ -183,37 +183,37 @@ class _Queue:
         written blocks), adjacent ones merged; their masks are taken (and
         counted as being sent: how many clusters had one, how many blocks
         they held, returned with the ranges for :meth:`sent`)."""
-        rec, out = self.record, []
+        out: list[tuple[int, int]] = []
         nc = nb = 0
-        size = rec.size
-        whole = self.whole
-        for c in (c for s, e in runs for c in range(s, e)):
-            mask = self.blocks.pop(c, None)
-            if mask is None:
-                mask = self.full
-            else:
-                n = mask.bit_count()
-                self.masked -= n
-                nc += 1
-                nb += n
-            if whole is not None and whole.test(c):
-                whole.clear_range(c, c + 1)
-                mask = self.full
-            base = c * self.cs
-            if mask == self.full:
-                spans = [(base, base + self.cs)]
-            else:
-                spans = [(base + (a << self.bshift), base + (b << self.bshift))
-                         for a, b in _runs([i for i in range(self.per_cluster)
-                                            if mask >> i & 1])]
-            for a, b in spans:
-                b = min(b, size)
-                if a >= b:
-                    continue
-                if out and out[-1][1] == a:
-                    out[-1] = (out[-1][0], b)
+        size, cs, bshift, full = self.record.size, self.cs, self.bshift, self.full
+        whole, pop = self.whole, self.blocks.pop
+        for s, e in runs:
+            for c in range(s, e):
+                mask = pop(c, None)
+                if mask is None:
+                    mask = full
                 else:
-                    out.append((a, b))
+                    n = mask.bit_count()
+                    nc += 1
+                    nb += n
+                if whole is not None and whole.test(c):
+                    whole.clear_range(c, c + 1)
+                    mask = full
+                base = c * cs
+                while mask:  # each run of set bits: one span (bit arithmetic)
+                    low = (mask & -mask).bit_length() - 1
+                    m = mask >> low
+                    ones = (m ^ (m + 1)).bit_length() - 1
+                    mask ^= ((1 << ones) - 1) << low
+                    a = base + (low << bshift)
+                    b = min(a + (ones << bshift), size)
+                    if a >= b:
+                        continue
+                    if out and out[-1][1] == a:
+                        out[-1] = (out[-1][0], b)
+                    else:
+                        out.append((a, b))
+        self.masked -= nb
         self.sending_clusters += nc
         self.sending += nb
         return out, nc, nb
@@ -242,6 +242,7 @@ class Streamer:
     def __init__(self, mirrors: list[Mirror], *, max_lag: int,
                  on_error: Callable[[Mirror, str], None], workers: int = WORKERS) -> None:
         self.queues = {m.name: _Queue(m) for m in mirrors}
+        self._qlist = list(self.queues.values())
         self._by_mirror = {id(q.mirror): q for q in self.queues.values()}
         self.max_lag = max_lag
         self.on_error = on_error
@@ -267,7 +268,12 @@ class Streamer:
 
     @property
     def lagging(self) -> bool:
-        return self.active and self.lag_bytes > self.max_lag
+        if not self.active:
+            return False
+        lag = 0
+        for q in self._qlist:  # no generator: every write asks
+            lag += q.lag_bytes
+        return lag > self.max_lag
 
     async def room(self) -> None:
         """Wait until the lag is at most ``max_lag`` (or the streamer stops)."""

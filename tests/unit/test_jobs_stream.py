@@ -92,3 +92,34 @@ def test_a_cluster_dirty_before_the_start_is_sent_whole(tmp_path):
 
     trio.run(main)
     assert errors == []
+
+
+def test_the_blocks_written_in_a_cluster_are_sent_as_their_runs(tmp_path):
+    mirror, local, peer, errors = make(tmp_path)
+
+    async def main():
+        s = Streamer([mirror], max_lag=1 << 30, on_error=lambda m, why: errors.append(why))
+        s.start()
+        try:
+            base = 9 * CS
+            await mirror.write(base, b"\x22" * 8192)  # blocks 0-1
+            await mirror.write(base + 5 * 4096, b"\x23" * 4096)  # block 5
+            await mirror.write(base + CS - 4096, b"\x24" * 4096)  # the last block
+            await mirror.write(base + CS, b"\x25" * 4096)  # the next cluster's first
+            assert s.lag_bytes == 5 * 4096
+            q = s.queues["d"]
+            ranges, nc, nb = q.ranges([(9, 11)])
+            assert ranges == [(base, base + 8192), (base + 5 * 4096, base + 6 * 4096),
+                              (base + CS - 4096, base + CS + 4096)]  # adjacent: merged
+            assert (nc, nb) == (2, 5)
+            # outside a round (no ``remarked``) nothing is cleared: the two
+            # clusters stay queued, now whole (their masks were taken)
+            q.sent([([(9, 11)], nc, nb)])
+            assert mirror.record.dirty_clusters == 2 and s.lag_bytes == 2 * CS
+        finally:
+            s.stop()
+            local.close()
+            peer.close()
+
+    trio.run(main)
+    assert errors == []
