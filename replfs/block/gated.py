@@ -59,6 +59,13 @@ class Gate:
             await self._reopened.wait()
         self._inside += 1
 
+    def try_enter(self) -> bool:
+        """:meth:`enter` if the gate is open (no await: every request asks)."""
+        if self._closed:
+            return False
+        self._inside += 1
+        return True
+
     def leave(self) -> None:
         self._inside -= 1
         if self._inside == 0 and self._closed:
@@ -120,7 +127,9 @@ class GatedNode(BlockNode):
     async def _io(self, op: str, *args, modifies: bool = False):
         """``self.child.<op>(*args)`` inside the gate.  The child is looked up
         after entering: a failover may have replaced it while we waited."""
-        await self.gate.enter()
+        gate = self.gate
+        if not gate.try_enter():
+            await gate.enter()
         try:
             if modifies and self._refusal is not None:
                 self.refused += 1
@@ -132,7 +141,7 @@ class GatedNode(BlockNode):
                     self.on_error(self, op, exc)
                 raise
         finally:
-            self.gate.leave()
+            gate.leave()
 
     # -- BlockNode ----------------------------------------------------------------
     async def _read(self, offset: int, length: int) -> bytes:

@@ -147,7 +147,9 @@ class Mirror(BlockNode):
         if stream is not None:
             await self._queued(stream, offset, length, call)
             return
-        async with self.order.exclusive(offset, offset + length):
+        order, end = self.order, offset + length  # no context manager: every write
+        req = order.try_acquire(offset, end, True) or await order.acquire(offset, end, True)
+        try:
             al = self.al
             if al is not None and not al.try_begin(offset, length):
                 await al.begin(offset, length)  # logged before it reaches the image
@@ -165,12 +167,16 @@ class Mirror(BlockNode):
             finally:
                 if al is not None:
                     al.end(offset, length)
+        finally:
+            order.release(req)
 
     async def _queued(self, stream, offset: int, length: int, call) -> None:
         """The checkpoint protocol's write: local image, then the record."""
         if stream.lagging:
             await stream.room()  # back-pressure, before any lock is taken
-        async with self.order.exclusive(offset, offset + length):
+        order, end = self.order, offset + length
+        req = order.try_acquire(offset, end, True) or await order.acquire(offset, end, True)
+        try:
             al = self.al
             if al is not None and not al.try_begin(offset, length):
                 await al.begin(offset, length)
@@ -182,6 +188,8 @@ class Mirror(BlockNode):
             finally:
                 if al is not None:
                     al.end(offset, length)
+        finally:
+            order.release(req)
 
     # -- BlockNode ----------------------------------------------------------------
     async def _read(self, offset: int, length: int) -> bytes:

@@ -213,8 +213,8 @@ def _pwritev_full(fd: int, offset: int, buffers: list, flags: int = 0) -> None:
 
 
 class RawStats(Counters):
-    __slots__ = ("reads", "reads_overlapped", "readaheads", "writes", "zero_ops", "trims", "flushes",
-                 "flushes_inline", "bytes_read", "bytes_written", "errors")
+    __slots__ = ("reads", "reads_overlapped", "readaheads", "writes", "zero_ops", "trims",
+                 "flushes", "flushes_inline", "bytes_read", "bytes_written", "errors")
 
 
 class RawImage(BlockNode):

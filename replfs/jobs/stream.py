@@ -35,8 +35,9 @@ acknowledged it.  What differs from the resync job, and why:
 * *no range lock for the reads*.  Only the streamer sends to the peer in
   this protocol, and a round's windows are disjoint, so there is no
   ordering to keep between two sends of one cluster in a round, and rounds
-  follow each other (a round ends when all its batches are acknowledged).  A VM write that races a copy's read marks
-  its clusters after its local write returned, i.e. after the round began:
+  follow each other (a round ends when all its batches are acknowledged).
+  A VM write that races a copy's read marks its clusters after its local
+  write returned, i.e. after the round began:
   it is in ``remarked``, so the possibly torn copy is sent but not cleared,
   and the next round sends the cluster again.  That is also what lets a
   checkpoint hold every disk's whole range lock (:meth:`Mirror.barrier`:

@@ -427,7 +427,8 @@ def test_large_writes_go_in_pieces_and_land_whole(tmp_path, monkeypatch, inline_
     img = make(tmp_path, b"\x11" * (size + 8192), inline_max=inline_max)
     calls = []
     real = os.pwrite
-    monkeypatch.setattr(rawmod.os, "pwrite", lambda fd, d, o: calls.append(len(d)) or real(fd, d, o))
+    monkeypatch.setattr(rawmod.os, "pwrite",
+                        lambda fd, d, o: calls.append(len(d)) or real(fd, d, o))
     data = bytes(range(256)) * (size // 256) + b"\x22" * (size % 256)
 
     async def main():
