@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,33 +34,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from replfs.units import human, parse_size  # noqa: E402
+from scripts.benchpair import MiB, cpu_seconds, replfs, status, wait_state  # noqa: E402
 from tests._proc import free_port, mounted, stop_pid, unmount, wait_gone  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
-
-MiB = 1 << 20
-
-
-def replfs(*argv) -> str:
-    r = subprocess.run([sys.executable, "-m", "replfs", *map(str, argv)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"bench: replfs {argv[0]} failed ({r.returncode}): "
-                         f"{(r.stdout + r.stderr).strip()}")
-    return r.stdout
-
-
-def status(mount: str) -> dict:
-    with open(os.path.join(mount, ".replfs", "status")) as f:
-        return json.load(f)
-
-
-def wait_state(mount: str, state: str, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if status(mount)["state"] == state:
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"bench: {mount} not {state} after {timeout} s")
 
 
 def write_random(path: str, total: int, byte: int, rng: random.Random, size: int) -> None:
@@ -72,12 +47,6 @@ def write_random(path: str, total: int, byte: int, rng: random.Random, size: int
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -136,7 +105,7 @@ def main() -> int:
                 ("full copy (resync --full)", lambda: replfs("resync", b, "--full"))):
             sent0, cpu0, t0 = proxy.bytes_up, cpu_seconds(bpid), time.monotonic()
             run()
-            wait_state(b, "replicating")
+            wait_state(b, "replicating", 900)
             seconds = time.monotonic() - t0
             rows.append({"what": what, "seconds": round(seconds, 2),
                          "bytes_sent": proxy.bytes_up - sent0,

@@ -39,33 +39,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from replfs.units import human, parse_size  # noqa: E402
-from tests._proc import mounted, stop_pid, unmount, wait_gone  # noqa: E402
-
-MiB = 1 << 20
-
-
-def replfs(*argv) -> None:
-    r = subprocess.run([sys.executable, "-m", "replfs", *map(str, argv)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"bench: replfs {argv[0]} failed ({r.returncode}): "
-                         f"{(r.stdout + r.stderr).strip()}")
-
-
-def status(mount: str) -> dict:
-    with open(os.path.join(mount, ".replfs", "status")) as f:
-        return json.load(f)
-
-
-def wait_state(mount: str, state: str, timeout: float = 600) -> float:
-    """Seconds until ``mount`` reports ``state``."""
-    t = time.perf_counter()
-    deadline = t + timeout
-    while status(mount)["state"] != state:
-        if time.perf_counter() > deadline:
-            raise SystemExit(f"bench: {mount} did not reach {state} in {timeout:g} s")
-        time.sleep(0.02)
-    return time.perf_counter() - t
+from scripts.benchpair import (  # noqa: E402
+    fill_images, replfs, status, stop_mounts, wait_state)
+from tests._proc import unmount, wait_gone  # noqa: E402
 
 
 class Pair:
@@ -75,11 +51,7 @@ class Pair:
         self.pm, self.sm = os.path.join(base, "pm"), os.path.join(base, "sm")
         os.mkdir(self.pm)
         os.mkdir(self.sm)
-        block = bytes(range(256)) * (4 * MiB // 256)
-        for img in (self.pimg, self.simg):
-            with open(img, "wb") as f:
-                for _ in range(size // len(block)):
-                    f.write(block)
+        fill_images((self.pimg, self.simg), size)
         self.listen = "127.0.0.1:0"
 
     def start_secondary(self) -> None:
@@ -102,15 +74,7 @@ class Pair:
         unmount(self.sm)
 
     def close(self) -> None:
-        for m in (self.pm, self.sm, self.sm, self.pm):  # a dead mount may lie under a live one
-            if mounted(m):
-                try:
-                    pid = status(m)["pid"]
-                except OSError:
-                    pid = None
-                unmount(m)
-                if pid:
-                    stop_pid(pid)
+        stop_mounts(self.pm, self.sm, self.sm, self.pm)
 
 
 def resync_round(pair: Pair) -> tuple[float, float]:

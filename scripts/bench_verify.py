@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,34 +40,11 @@ if ROOT not in sys.path:
 
 from replfs.core.digest import cluster_digests
 from replfs.units import human, parse_size
-from tests._proc import mounted, stop_pid, unmount
+from scripts.benchpair import MiB, cpu_seconds, fill_images, replfs, status, stop_mounts
 
-MiB = 1 << 20
 GiB = 1 << 30
 CHUNK = 8 * MiB
 CLUSTER = 64 * 1024
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def replfs(*argv, ok=(0,)) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "replfs", *map(str, argv)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode not in ok:
-        raise SystemExit(f"bench: replfs {argv[0]} failed ({r.returncode}): "
-                         f"{(r.stdout + r.stderr).strip()}")
-    return r
-
-
-def status(mount: str) -> dict:
-    with open(os.path.join(mount, ".replfs", "status")) as f:
-        return json.load(f)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # fields 14 and 15 of stat(5)
 
 
 class Pair:
@@ -78,11 +54,7 @@ class Pair:
         self.pm, self.sm = os.path.join(base, "pm"), os.path.join(base, "sm")
         os.mkdir(self.pm)
         os.mkdir(self.sm)
-        block = bytes(range(256)) * (4 * MiB // 256)
-        for img in (self.pimg, self.simg):
-            with open(img, "wb") as f:
-                f.writelines(block for _ in range(size // len(block)))
-                f.write(block[:size % len(block)])
+        fill_images((self.pimg, self.simg), size)
         self.listen = "127.0.0.1:0"
 
     def start(self) -> None:
@@ -94,15 +66,7 @@ class Pair:
         self.ppid, self.spid = status(self.pm)["pid"], status(self.sm)["pid"]
 
     def close(self) -> None:
-        for m in (self.pm, self.sm):
-            if mounted(m):
-                try:
-                    pid = status(m)["pid"]
-                except OSError:
-                    pid = None
-                unmount(m)
-                if pid:
-                    stop_pid(pid)
+        stop_mounts(self.pm, self.sm)
 
 
 def local_round(pair: Pair) -> float:
