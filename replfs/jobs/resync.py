@@ -135,16 +135,9 @@ class _Disk:
     def take_window(self) -> tuple[int, int] | None:
         """The next window holding a dirty or suspect cluster, or None."""
         rec = self.record
-        n = rec.nclusters
-        while self.next < n:
-            a = min(rec.bits.next_set(self.next, n), rec.suspect.next_set(self.next, n))
-            if a >= n:
-                self.next = n
-                return None
-            b = min(a + self.window, n)
-            self.next = b
-            return a, b
-        return None
+        w = next_window(self.next, rec.nclusters, self.window, rec.bits, rec.suspect)
+        self.next = w[1] if w is not None else rec.nclusters
+        return w
 
     def peer(self):
         peer = self.mirror.peer
@@ -249,6 +242,15 @@ async def _flush(d: _Disk) -> None:
 def _nbytes(rec: DirtyRecord, clusters: list[int]) -> int:
     """Bytes of these (sorted) clusters; the disk's last one may be short."""
     return sum(rec.span(a, b)[1] for a, b in _runs(clusters))
+
+
+def next_window(start: int, n: int, window: int, *bitmaps) -> tuple[int, int] | None:
+    """``window`` clusters (fewer at the end) from the first bit at or after
+    ``start`` set in any of ``bitmaps``; None if none is set below ``n``."""
+    if start >= n:
+        return None
+    a = min(bm.next_set(start, n) for bm in bitmaps)
+    return (a, min(a + window, n)) if a < n else None
 
 
 def _runs(clusters: list[int]):

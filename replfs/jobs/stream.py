@@ -67,7 +67,7 @@ import trio
 from replfs.block.mirror import Mirror
 from replfs.core.bitmap import ClusterBitmap
 from replfs.errors import BlockError
-from replfs.jobs.resync import WINDOW, _runs
+from replfs.jobs.resync import WINDOW, _runs, next_window
 
 log = logging.getLogger("replfs.stream")
 
@@ -168,16 +168,9 @@ class _Queue:
 
     def take_window(self) -> tuple[int, int] | None:
         rec = self.record
-        n = rec.nclusters
-        if self.next >= n:
-            return None
-        a = rec.bits.next_set(self.next, n)
-        if a >= n:
-            self.next = n
-            return None
-        b = min(a + self.window, n)
-        self.next = b
-        return a, b
+        w = next_window(self.next, rec.nclusters, self.window, rec.bits)
+        self.next = w[1] if w is not None else rec.nclusters
+        return w
 
     def ranges(self, runs: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int, int]:
         """The byte ranges to send for the dirty cluster ``runs`` (their

@@ -334,13 +334,17 @@ class NBDClient(BlockNode):
             self._sending = False
 
     # -- one request -------------------------------------------------------------------
-    async def _request(self, command: int, flags: int, offset: int, length: int, data=None):
+    def _check_usable(self) -> None:
+        """Raise unless a request may be queued now (started, not failed, not closing)."""
         if not self._started:
             raise RuntimeError(f"{self.name}: NBDClient.start(nursery) was not called")
         if self._failure is not None:
             raise BlockError(self._failure.errno, str(self._failure))
         if self._closing:
             raise BlockError(errno.ESHUTDOWN, f"{self.name}: client is disconnecting")
+
+    async def _request(self, command: int, flags: int, offset: int, length: int, data=None):
+        self._check_usable()
         cookie = self._next_cookie
         self._next_cookie = cookie + 1
         try:
@@ -382,12 +386,7 @@ class NBDClient(BlockNode):
         streamer, which sends many small, unrelated writes at once."""
         if not items:
             return
-        if not self._started:
-            raise RuntimeError(f"{self.name}: NBDClient.start(nursery) was not called")
-        if self._failure is not None:
-            raise BlockError(self._failure.errno, str(self._failure))
-        if self._closing:
-            raise BlockError(errno.ESHUTDOWN, f"{self.name}: client is disconnecting")
+        self._check_usable()
         flags = []
         for offset, data in items:  # all checked before any is queued
             length = len(data)
