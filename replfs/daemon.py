@@ -197,7 +197,7 @@ async def run_secondary(cfg: MountConfig, life: Lifecycle) -> None:
             with trio.CancelScope(shield=True):
                 await pctl.abandon()
             for m in mirrors.values():
-                m.set_peer_error_hook(ctl._no_peer)
+                m.set_peer_error_hook(ctl.no_peer)
             raise
         reprotected.append(pctl)
         ctl.hand_over()

@@ -171,6 +171,11 @@ class Header:
     #: fields of a newer format that this one does not know: written back as read
     unknown: dict = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def nclusters(self) -> int:
+        """Clusters of the image (the last one may be short): the bitmap's bits."""
+        return -(-self.size // self.cluster_size)
+
     def new_generation(self) -> int:
         """Pushes ``current`` (if non-zero) onto ``history`` (newest first, at
         most 4 kept) and sets a fresh random non-zero ``current``, distinct from

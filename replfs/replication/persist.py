@@ -87,8 +87,8 @@ class DiskState:
             if self.al is not None:
                 await self.al.clear()
             return
-        nclusters = -(-self.meta.header.size // self.meta.header.cluster_size)
-        await iothreads.run(self.meta.write_bitmap, ClusterBitmap(nclusters).to_bytes())
+        await iothreads.run(self.meta.write_bitmap,
+                            ClusterBitmap(self.meta.header.nclusters).to_bytes())
         await iothreads.run(self.meta.write_al, [])
 
     @property

@@ -338,7 +338,7 @@ class SecondaryController(Controller):
                 if st is not None:
                     # from now on the VM's writes are recorded (a re-protect sends them)
                     st.start_tracking()
-                    top = Mirror(name, d.disk, None, on_peer_error=self._no_peer,
+                    top = Mirror(name, d.disk, None, on_peer_error=self.no_peer,
                                  record=st.record, al=st.al)
                 await d.failover(top)  # after a restart with "done": just the pivot
                 if st is not None and was != "done":
@@ -358,7 +358,7 @@ class SecondaryController(Controller):
         forced while inconsistent, the difference is not known: a re-protect
         copies everything (said in the metadata, with why)."""
         h = st.header
-        bits = ClusterBitmap.from_bytes(-(-h.size // h.cluster_size), st.meta.read_bitmap())
+        bits = ClusterBitmap.from_bytes(h.nclusters, st.meta.read_bitmap())
         for offset, length in d.changed_clusters(h.cluster_size):
             bits.set_range(offset // h.cluster_size, -(-(offset + length) // h.cluster_size))
         await st.write_bits(bits.to_bytes())
@@ -367,7 +367,7 @@ class SecondaryController(Controller):
                 "failed over with --force while inconsistent: which clusters differ "
                 "from the old primary is not known")})
 
-    def _no_peer(self, disk, reason: str) -> None:  # pragma: no cover - no peer edge
+    def no_peer(self, disk, reason: str) -> None:  # pragma: no cover - no peer edge
         log.error("disk %s: %s", disk.name, reason)
 
     def hand_over(self) -> None:
