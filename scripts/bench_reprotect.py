@@ -34,7 +34,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from replfs.units import human, parse_size  # noqa: E402
-from scripts.benchpair import MiB, cpu_seconds, replfs, status, wait_state  # noqa: E402
+from scripts.bench.run import cpu_seconds  # noqa: E402
+from scripts.benchpair import MiB, replfs, status, wait_state  # noqa: E402
 from tests._proc import free_port, mounted, stop_pid, unmount, wait_gone  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 

@@ -40,7 +40,8 @@ if ROOT not in sys.path:
 
 from replfs.core.digest import cluster_digests
 from replfs.units import human, parse_size
-from scripts.benchpair import MiB, cpu_seconds, fill_images, replfs, status, stop_mounts
+from scripts.bench.run import cpu_seconds
+from scripts.benchpair import MiB, fill_images, replfs, status, stop_mounts
 
 GiB = 1 << 30
 CHUNK = 8 * MiB

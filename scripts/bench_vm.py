@@ -53,8 +53,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from replfs.units import MiB, human, parse_size  # noqa: E402
-from scripts.bench import log  # noqa: E402
+from replfs.units import human  # noqa: E402
+from scripts.bench import disk_size, log  # noqa: E402
+from scripts.bench.report import print_notes  # noqa: E402
 from scripts.bench.rows import RawRow, RowSkipped  # noqa: E402
 from scripts.bench.rows_qemu import (build_primary, build_secondary,  # noqa: E402
                                      build_shim, start_qemu, stop_qemu)
@@ -274,12 +275,7 @@ def print_table(results: dict) -> None:
             mine = st is not None and (qs[n] or 0) > 0 and name.startswith("primary")
             line += f"{st / qs[n]:>8.2f}" if mine else f"{'-':>8}"
         print(line)
-    if results["notes"]:
-        print()
-        print("Notes")
-        for n in results["notes"]:
-            print(f"  - {n}")
-    print(f"\ntotal time {results['elapsed_s']:.0f} s")
+    print_notes(results)
 
 
 def main(argv=None) -> int:
@@ -296,12 +292,7 @@ def main(argv=None) -> int:
                     help="the guest's packages, kernel and initramfs (scripts/vm/build.py)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch images and logs")
     args = ap.parse_args(argv)
-    try:
-        args.size_bytes = parse_size(args.size)
-    except ValueError:
-        ap.error(f"--size: bad size {args.size!r}")
-    if args.size_bytes < 16 * MiB or args.size_bytes % MiB:
-        ap.error("--size must be a whole number of MiB, at least 16M")
+    args.size_bytes = disk_size(ap, args.size)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if not rows or set(rows) - set(ROWS) or len(set(rows)) != len(rows):
         ap.error(f"--rows: expected a list of {', '.join(ROWS)}")

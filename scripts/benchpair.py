@@ -1,6 +1,7 @@
 """What the pair benchmarks (bench_resync, bench_verify, bench_reprotect)
-share: the CLI run as a subprocess, the status file, a wait for a state, a
-daemon's CPU time, pattern-filled images, and mounts stopped at the end."""
+share: the CLI run as a subprocess, the status file, a wait for a state,
+pattern-filled images, and mounts stopped at the end (a daemon's CPU time is
+``scripts.bench.run.cpu_seconds``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import time
 from tests._proc import mounted, stop_pid, unmount
 
 MiB = 1 << 20
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def replfs(*argv, ok=(0,)) -> subprocess.CompletedProcess:
@@ -40,13 +40,6 @@ def wait_state(mount: str, state: str, timeout: float = 600) -> float:
             raise SystemExit(f"bench: {mount} did not reach {state} in {timeout:g} s")
         time.sleep(0.02)
     return time.perf_counter() - t
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # fields 14 and 15 of stat(5)
 
 
 def fill_images(paths, size: int) -> None:

@@ -27,3 +27,15 @@ CLUSTER = 64 << 10
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def disk_size(ap, text: str) -> int:
+    """``--size`` in bytes: a whole number of MiB, at least 16M (else ``ap.error``)."""
+    from replfs.units import MiB, parse_size
+    try:
+        size = parse_size(text)
+    except ValueError:
+        ap.error(f"--size: bad size {text!r}")
+    if size < 16 * MiB or size % MiB:
+        ap.error("--size must be a whole number of MiB, at least 16M")
+    return size

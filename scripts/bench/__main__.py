@@ -68,9 +68,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from replfs.units import MiB, parse_size  # noqa: E402
-
-from . import log  # noqa: E402
+from . import disk_size, log  # noqa: E402
 from .fio import JOBS  # noqa: E402
 from .report import print_report, ratios, targets  # noqa: E402
 from .rows import ALL_ROWS, DEFAULT_ROWS, ROW_TITLES  # noqa: E402
@@ -111,12 +109,7 @@ def main(argv=None) -> int:
                          "starts right after one, so copy-before-write copies real clusters)")
     args = ap.parse_args(argv)
 
-    try:
-        args.size_bytes = parse_size(args.size)
-    except ValueError:
-        ap.error(f"--size: bad size {args.size!r}")
-    if args.size_bytes < 16 * MiB or args.size_bytes % MiB:
-        ap.error("--size must be a whole number of MiB, at least 16M")
+    args.size_bytes = disk_size(ap, args.size)
     if args.runtime < 1:
         ap.error("--runtime must be at least 1")
     if args.reps < 1:

@@ -217,7 +217,11 @@ def print_report(results: dict) -> None:
             print(f"  {t['target'][:66]:66}{t['mode']:>11}{t['ratio']:>7.2f}"
                   f"{fmt(t['vs_shipped'], '.2f', 8)}{fmt(t['vs_nodelay'], '.2f', 8)}  "
                   f"{t['goal']:28}{t['verdict']:8}" + (f"  {pr}" if reps else ""))
+    print_notes(results)
 
+
+def print_notes(results: dict) -> None:
+    """The notes and the total time that end a report (also bench_vm.py's)."""
     if results["notes"]:
         print()
         print("Notes")
