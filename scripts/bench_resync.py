@@ -39,29 +39,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from replfs.units import human, parse_size  # noqa: E402
-from scripts.benchpair import (  # noqa: E402
-    fill_images, replfs, status, stop_mounts, wait_state)
+from scripts import benchpair  # noqa: E402
+from scripts.benchpair import replfs, status, wait_state  # noqa: E402
 from tests._proc import unmount, wait_gone  # noqa: E402
 
 
-class Pair:
-    def __init__(self, base: str, size: int) -> None:
-        self.base, self.size = base, size
-        self.pimg, self.simg = os.path.join(base, "p.img"), os.path.join(base, "s.img")
-        self.pm, self.sm = os.path.join(base, "pm"), os.path.join(base, "sm")
-        os.mkdir(self.pm)
-        os.mkdir(self.sm)
-        fill_images((self.pimg, self.simg), size)
-        self.listen = "127.0.0.1:0"
-
-    def start_secondary(self) -> None:
-        replfs("secondary", self.sm, "--listen", self.listen, "--disk", f"d={self.simg}",
-               "--log", os.path.join(self.base, "s.log"))
-        self.listen = status(self.sm)["listen"]
-
+class Pair(benchpair.Pair):
     def start_primary(self) -> None:
-        replfs("primary", self.pm, "--secondary", self.listen, "--disk", f"d={self.pimg}",
-               "--reconnect-interval", "0.5", "--log", os.path.join(self.base, "p.log"))
+        super().start_primary("--reconnect-interval", "0.5")
 
     def checkpoint(self) -> None:
         replfs("checkpoint", self.pm)
@@ -72,9 +57,6 @@ class Pair:
         os.kill(pid, signal.SIGKILL)
         wait_gone(pid, 10)
         unmount(self.sm)
-
-    def close(self) -> None:
-        stop_mounts(self.pm, self.sm, self.sm, self.pm)
 
 
 def resync_round(pair: Pair) -> tuple[float, float]:

@@ -41,33 +41,19 @@ if ROOT not in sys.path:
 from replfs.core.digest import cluster_digests
 from replfs.units import human, parse_size
 from scripts.bench.run import cpu_seconds
-from scripts.benchpair import MiB, fill_images, replfs, status, stop_mounts
+from scripts import benchpair
+from scripts.benchpair import MiB, replfs, status
 
 GiB = 1 << 30
 CHUNK = 8 * MiB
 CLUSTER = 64 * 1024
 
 
-class Pair:
-    def __init__(self, base: str, size: int) -> None:
-        self.base, self.size = base, size
-        self.pimg, self.simg = os.path.join(base, "p.img"), os.path.join(base, "s.img")
-        self.pm, self.sm = os.path.join(base, "pm"), os.path.join(base, "sm")
-        os.mkdir(self.pm)
-        os.mkdir(self.sm)
-        fill_images((self.pimg, self.simg), size)
-        self.listen = "127.0.0.1:0"
-
+class Pair(benchpair.Pair):
     def start(self) -> None:
-        replfs("secondary", self.sm, "--listen", self.listen, "--disk", f"d={self.simg}",
-               "--log", os.path.join(self.base, "s.log"))
-        self.listen = status(self.sm)["listen"]
-        replfs("primary", self.pm, "--secondary", self.listen, "--disk", f"d={self.pimg}",
-               "--log", os.path.join(self.base, "p.log"))
+        self.start_secondary()
+        self.start_primary()
         self.ppid, self.spid = status(self.pm)["pid"], status(self.sm)["pid"]
-
-    def close(self) -> None:
-        stop_mounts(self.pm, self.sm)
 
 
 def local_round(pair: Pair) -> float:

@@ -51,6 +51,32 @@ def fill_images(paths, size: int) -> None:
             f.write(block[:size % len(block)])
 
 
+class Pair:
+    """Two pattern-filled images of ``size`` under ``base`` and their mount
+    points; a secondary (``d``) on a free loopback port, and its primary."""
+
+    def __init__(self, base: str, size: int) -> None:
+        self.base, self.size = base, size
+        self.pimg, self.simg = os.path.join(base, "p.img"), os.path.join(base, "s.img")
+        self.pm, self.sm = os.path.join(base, "pm"), os.path.join(base, "sm")
+        os.mkdir(self.pm)
+        os.mkdir(self.sm)
+        fill_images((self.pimg, self.simg), size)
+        self.listen = "127.0.0.1:0"
+
+    def start_secondary(self) -> None:
+        replfs("secondary", self.sm, "--listen", self.listen, "--disk", f"d={self.simg}",
+               "--log", os.path.join(self.base, "s.log"))
+        self.listen = status(self.sm)["listen"]
+
+    def start_primary(self, *extra: str) -> None:
+        replfs("primary", self.pm, "--secondary", self.listen, "--disk", f"d={self.pimg}",
+               *extra, "--log", os.path.join(self.base, "p.log"))
+
+    def close(self) -> None:
+        stop_mounts(self.pm, self.sm, self.sm, self.pm)  # a dead mount may lie under a live one
+
+
 def stop_mounts(*mounts: str) -> None:
     """Unmount each of ``mounts`` still mounted and stop its daemon (a mount
     may be listed twice: a dead one may lie under a live one)."""
