@@ -39,6 +39,7 @@ from replfs import __version__, systemd
 from replfs.block import raw
 from replfs.block.graph import PrimaryGraph, SecondaryGraph
 from replfs.config import MountConfig
+from replfs.core.malloc import keep_freed_buffers
 from replfs.errors import PeerUnavailable, ReplfsError
 from replfs.fuse import fastwait
 from replfs.fuse import watcher as watcher_mod
@@ -328,6 +329,7 @@ def run(cfg: MountConfig, ready, *, notify: bool = False) -> None:
     ``$NOTIFY_SOCKET`` is set; only the ``-f`` daemon a manager started)."""
     main = run_primary if cfg.role == "primary" else run_secondary
     life = Lifecycle(cfg, ready, systemd.Notifier.from_env() if notify else None)
+    keep_freed_buffers()  # payload buffers reuse the heap (see replfs.core.malloc)
     log.info("replfs %s %s starting (pid %d): mount %s, disks %s", __version__, cfg.role,
              os.getpid(), cfg.mount, ", ".join(f"{d.name}={d.image}" for d in cfg.disks))
     try:
