@@ -6,11 +6,15 @@
 
 1. **Resync rate.**  A pair of ``--size`` images (the primary's filled with
    data); ``replfs resync --full`` copies every cluster to the secondary, timed
-   from the command to "replicating" again.  Beside it, with the primary
-   disconnected (``replfs disconnect``), ``nbdcopy --flush`` copies the same
-   image into the same secondary export (the same server, with its
-   copy-before-write; a checkpoint before each run empties the hidden
-   overlay for both).  Rounds alternate.  Ratio = replfs / nbdcopy.
+   from the command to "replicating" again (a checkpoint before each run
+   empties the hidden overlay, so the resync's copy-before-write copies every
+   cluster).  Beside it, ``nbdcopy --flush`` copies the same image into
+   ``qemu-nbd`` serving a copy of the secondary's image on the same disk
+   (raw, writeback cache).  Since issue 11 a replfs secondary admits plain
+   NBD clients as read-only observers (only the replicating primary may
+   write), so nbdcopy can no longer write into its export; the qemu-nbd
+   target has no copy-before-write, which makes it the harder baseline.
+   Rounds alternate.  Ratio = replfs / nbdcopy.
 2. **A secondary restart under a running fio job.**  fio writes 4 KiB at
    random on the primary's disk file (QD1, psync) for ``--fio-seconds``;
    after a quarter of it the secondary daemon is killed (SIGKILL), after half
@@ -28,6 +32,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -71,13 +76,27 @@ def resync_round(pair: Pair) -> tuple[float, float]:
 
 
 def nbdcopy_round(pair: Pair) -> float:
-    replfs("disconnect", pair.pm)
-    t = time.perf_counter()
-    subprocess.run(["nbdcopy", "--flush", pair.pimg, f"nbd://{pair.listen}/d"], check=True)
-    took = time.perf_counter() - t
-    replfs("connect", pair.pm)
-    wait_state(pair.pm, "replicating")
-    return took
+    """nbdcopy of the primary's image into qemu-nbd serving a copy of the
+    secondary's (made once, outside the timing)."""
+    target = os.path.join(pair.base, "nbdcopy-target.img")
+    if not os.path.exists(target):
+        shutil.copyfile(pair.simg, target)
+    with socket.socket() as s:  # a free port (qemu-nbd binds it a moment later)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pid_file = os.path.join(pair.base, "qemu-nbd.pid")
+    subprocess.run(["qemu-nbd", "--fork", "--pid-file", pid_file, "-f", "raw", "-b", "127.0.0.1",
+                    "-p", str(port), "-x", "d", "--cache=writeback", target], check=True)
+    with open(pid_file) as f:
+        pid = int(f.read())
+    try:
+        t = time.perf_counter()
+        subprocess.run(["nbdcopy", "--flush", pair.pimg, f"nbd://127.0.0.1:{port}/d"],
+                       check=True)
+        return time.perf_counter() - t
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        wait_gone(pid, 10)
 
 
 def part_rate(pair: Pair, rounds: int) -> dict:
@@ -157,7 +176,7 @@ def main(argv=None) -> int:
         pair.start_secondary()
         pair.start_primary()
         print(f"1. resync rate, {human(size)} of dirty clusters (resync --full) "
-              f"against nbdcopy into the same server", flush=True)
+              f"against nbdcopy into qemu-nbd on a copy of the secondary's image", flush=True)
         rate = part_rate(pair, args.rounds)
         r, n = statistics.median(rate["replfs_s"]), statistics.median(rate["nbdcopy_s"])
         j = statistics.median(rate["replfs_job_s"])
