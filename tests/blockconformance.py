@@ -121,11 +121,20 @@ class Harness:
         assert isinstance(got, (bytes, bytearray)), type(got)
         want = self.model[off : off + length]
         assert got == want, f"read({off}, {length}): {first_difference(got, want)}"
+        self.check_read_now(off, length)
+
+    def check_read_now(self, off: int, length: int) -> None:
+        """``read_now`` gives the same data as ``read``, or None."""
+        got = self.node.read_now(off, length)
+        if got is not None:
+            want = self.model[off : off + length]
+            assert got == want, f"read_now({off}, {length}): {first_difference(got, want)}"
 
     async def verify(self) -> None:
         parts = []
         for off in range(0, self.size, READ_STEP):
             parts.append(await self.node.read(off, min(READ_STEP, self.size - off)))
+            self.check_read_now(off, min(READ_STEP, self.size - off))
         got = b"".join(parts)
         assert got == self.model, f"whole-node check: {first_difference(got, self.model)}"
 

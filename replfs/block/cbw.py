@@ -217,6 +217,20 @@ class _Snapshot(BlockNode):
         finally:
             lock.release(req)
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        cbw = self._cbw
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            return None
+        c0, c1 = cbw.clusters(offset, length)
+        lock = cbw.lock
+        req = lock.try_acquire(c0, c1, False)
+        if req is None:  # a copy-before-write is in progress there
+            return None
+        try:
+            return cbw.target.read_now(offset, length)
+        finally:
+            lock.release(req)
+
     async def _write(self, offset: int, data, fua: bool) -> None:
         raise self._ro()
 

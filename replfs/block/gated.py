@@ -147,6 +147,19 @@ class GatedNode(BlockNode):
     async def _read(self, offset: int, length: int) -> bytes:
         return await self._io("read", offset, length)
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        gate = self.gate
+        if not gate.try_enter():
+            return None
+        try:
+            return self.child.read_now(offset, length)
+        except BlockError as exc:
+            if self.on_error is not None:
+                self.on_error(self, "read", exc)
+            raise
+        finally:
+            gate.leave()
+
     async def _write(self, offset: int, data, fua: bool) -> None:
         await self._io("write", offset, data, fua, modifies=True)
 

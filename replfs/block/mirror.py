@@ -9,10 +9,18 @@ same contract in one layer, :class:`Mirror`, with two child edges: ``file``
 any block node in tests):
 
 * reads come from the local image only;
-* a write goes to the local image first; if that fails the VM gets the
-  error and the peer is sent nothing (the two stay equal).  Then it goes to
-  the peer, and completes when the peer has answered - or has been given up
-  on;
+* a write goes to the peer and to the local image at once, as QEMU's
+  quorum issues both children: the NBD request is sent first
+  (``begin_write``), the local image is written while the peer works, then
+  the reply is awaited (``end``).  The write completes when the peer has
+  answered - or has been given up on.  If the local write fails the VM gets
+  the error, and the peer, which may have the data, is sent what the local
+  image holds there once it answered, so the two stay equal (the clusters
+  the write covers only in part stay in the dirty record, as all of them
+  do if that fails).  A peer
+  that cannot send a request ahead (a block node in tests, a write larger
+  than one NBD request) gets the write after the local one, and nothing if
+  that failed;
 * a failure of the peer (an error, a lost connection, or no answer in
   time: the primary controller's watchdog checks :meth:`oldest_request_age`)
   is *never* returned to the VM: it is handed to
@@ -23,8 +31,8 @@ any block node in tests):
 * two writes that overlap are never in flight to the peer at the same time
   (a range lock): the peer may serve concurrent requests in any order, and
   the two images must end up equal;
-* ``flush()`` flushes both sides concurrently (NBD FLUSH on the wire); only
-  the local side's error reaches the caller;
+* ``flush()`` flushes both sides concurrently (NBD FLUSH sent first, then
+  the local sync); only the local side's error reaches the caller;
 * with a dirty record (``record``, :mod:`replfs.block.dirty`), a write the
   peer did not get (no peer, or it failed) marks its clusters, and a write
   the peer got clears the clusters it covers whole; with an activity log
@@ -140,9 +148,67 @@ class Mirror(BlockNode):
         async with self.order.exclusive(0, self.size):
             yield
 
-    async def _mirrored(self, what: str, offset: int, length: int, call) -> None:
-        """Run ``call(node)`` on the local image, then on the peer; what the
-        peer did not get goes into the dirty record."""
+    async def _begin(self, what: str, begin):
+        """``begin(peer)``: a request sent to the peer now, its reply awaited
+        by :meth:`_end`, watched by the watchdog meanwhile.  Returns
+        ``(peer, token, handle)``; None when the peer cannot send ahead (then
+        :meth:`_to_peer` after the local side); False when there is no peer
+        or it failed (reported to ``on_peer_error``)."""
+        peer = self.peer
+        if peer is None:
+            return False
+        token = self._next_token
+        self._next_token = token + 1
+        self._inflight[token] = trio.current_time()
+        try:
+            handle = await begin(peer)
+        except Exception as exc:
+            del self._inflight[token]
+            if self.peer is peer:
+                self._on_peer_error(self, _describe(what, exc))
+            return False
+        except BaseException:
+            del self._inflight[token]
+            raise
+        if handle is None:
+            del self._inflight[token]
+            return None
+        return peer, token, handle
+
+    async def _end(self, what: str, started) -> bool:
+        """Wait for what :meth:`_begin` sent; True if the peer has it."""
+        peer, token, handle = started
+        try:
+            await peer.end(handle)
+        except Exception as exc:  # never fail the VM's I/O for the peer
+            if self.peer is peer:
+                self._on_peer_error(self, _describe(what, exc))
+            return False
+        finally:
+            del self._inflight[token]
+        return True
+
+    async def _even_out(self, started, offset: int, length: int) -> None:
+        """The local write failed after the peer was sent it: once the peer
+        answered, send it what the local image holds there, so the two stay
+        equal.  Only the write's own bytes (the range lock held is theirs):
+        its clusters are marked in the dirty record, and those it covers
+        whole are cleared again once the peer has the local content."""
+        rec = self.record
+        rec.mark(offset, length)
+        if not await self._end("write", started):
+            return
+        try:
+            data = await self.local.read(offset, length)
+        except BlockError:
+            return
+        if await self._to_peer("write", lambda node: node.write(offset, data)):
+            rec.clear_covered(offset, length)
+
+    async def _mirrored(self, what: str, offset: int, length: int, call, begin=None) -> None:
+        """Run ``call(node)`` on the local image and on the peer (sent ahead
+        with ``begin(peer)`` when it can: module note); what the peer did
+        not get goes into the dirty record."""
         stream = self.stream
         if stream is not None:
             await self._queued(stream, offset, length, call)
@@ -154,11 +220,34 @@ class Mirror(BlockNode):
             if al is not None and not al.try_begin(offset, length):
                 await al.begin(offset, length)  # logged before it reaches the image
             try:
-                await call(self.local)
+                rec = self.record
+                started = None
+                if begin is not None and rec is not None:
+                    started = await self._begin(what, begin)
+                try:
+                    await call(self.local)
+                except Exception:
+                    if started:
+                        await self._even_out(started, offset, length)
+                    raise
+                except BaseException:
+                    if started:  # cancelled: the peer may have it, the resync evens it out
+                        rec.mark(offset, length)
+                        del self._inflight[started[1]]
+                    raise
                 self.writes += 1
                 self.bytes_written += length
-                rec = self.record
-                if await self._to_peer(what, call):
+                if started is None:
+                    ok = await self._to_peer(what, call)
+                elif started is False:
+                    ok = False
+                else:
+                    try:
+                        ok = await self._end(what, started)
+                    except BaseException:  # cancelled: the peer may lack it
+                        rec.mark(offset, length)
+                        raise
+                if ok:
                     self.bytes_replicated += length
                     if rec is not None and rec.nonempty:
                         rec.clear_covered(offset, length)
@@ -195,9 +284,13 @@ class Mirror(BlockNode):
     async def _read(self, offset: int, length: int) -> bytes:
         return await self.local.read(offset, length)
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        return self.local.read_now(offset, length)
+
     async def _write(self, offset: int, data, fua: bool) -> None:
         await self._mirrored("write", offset, nbytes(data),
-                             lambda node: node.write(offset, data, fua))
+                             lambda node: node.write(offset, data, fua),
+                             lambda peer: peer.begin_write(offset, data, fua))
 
     async def _write_zeroes(self, offset: int, length: int, fua: bool) -> None:
         await self._mirrored("write_zeroes", offset, length,
@@ -213,6 +306,18 @@ class Mirror(BlockNode):
         this host; the secondary has the data at the next checkpoint."""
         if self.stream is not None:
             await self.local.flush()
+            return
+        started = await self._begin("flush", _begin_flush)
+        if started is not None:  # sent (or no peer): the local sync overlaps it
+            local_error = None
+            try:
+                await self.local.flush()
+            except BlockError as exc:
+                local_error = exc
+            if started:
+                await self._end("flush", started)
+            if local_error is not None:
+                raise local_error
             return
         local_error = None
         async with trio.open_nursery() as nursery:
@@ -245,6 +350,10 @@ class Mirror(BlockNode):
             "replicating": self.peer is not None,
             "out_of_sync_bytes": self.record.out_of_sync_bytes if self.record else 0,
         }
+
+
+def _begin_flush(peer: BlockNode):
+    return peer.begin_flush()
 
 
 def _describe(what: str, exc: Exception) -> str:

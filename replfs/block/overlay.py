@@ -191,6 +191,31 @@ class Overlay(BlockNode):
         self.stats.reads += 1
         return data
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """:meth:`_read` without waiting: a range held wholly in the data
+        file or wholly in the backing, the lock free; else None."""
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            return None
+        c0, c1 = self.clusters(offset, length)
+        lock = self.lock
+        req = lock.try_acquire(c0, c1, False)
+        if req is None:
+            return None
+        try:
+            bm = self.bitmap
+            first_set = bm.next_set(c0, c1)
+            if first_set == c1:
+                data = self.backing.read_now(offset, length)
+            elif first_set == c0 and bm.next_clear(c0, c1) == c1:
+                data = self.data.read_now(offset, length)
+            else:
+                return None
+        finally:
+            lock.release(req)
+        if data is not None:
+            self.stats.reads += 1
+        return data
+
     # -- writes: unaligned head, aligned body, unaligned tail -------------------------
     def _span(self, offset: int, end: int, c0: int, c1: int) -> tuple[int, int]:
         """What a write of ``[offset, end)`` must put in the data file:

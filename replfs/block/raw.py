@@ -346,28 +346,52 @@ class RawImage(BlockNode):
             self.stats.readaheads += 1
             self._ra_end = stop
 
-    async def _read(self, offset: int, length: int) -> bytes:
+    def _track(self, fd: int, offset: int, end: int) -> None:
+        """Note a read of ``[offset, end)`` for the readahead."""
+        if offset == self._seq_next or self._ra_end - READAHEAD <= offset < self._ra_end:
+            self._readahead(fd, offset, end)
+        self._seq_next = end
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """Inline ``pread`` (what :meth:`_read` does for requests up to
+        ``inline_max``); None for larger ones (a thread reads them) and,
+        while other requests are queued, for data the page cache lacks."""
+        if length > self.inline_max or length <= 0 or offset < 0 or offset + length > self.size:
+            return None
         fd = self._fdcheck()
         try:
-            end = offset + length
-            if offset == self._seq_next or self._ra_end - READAHEAD <= offset < self._ra_end:
-                self._readahead(fd, offset, end)
-            self._seq_next = end
-            if length > self.inline_max:
-                data = await self._in_thread(_pread_full, fd, offset, length)
-            elif self._nowait_ok and _contended():
-                # Other requests are queued.  From the page cache if it is all
-                # there; else start the disk read (readahead of exactly this
-                # range, asynchronous) and let the others start theirs before
-                # waiting: the disk then serves them all at once.
+            if self._nowait_ok and _contended():
                 data = self._pread_cached(fd, offset, length)
                 if data is None:
-                    self.stats.reads_overlapped += 1
-                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    data = _pread_full(self._fdcheck(), offset, length)
+                    return None
+                self._track(fd, offset, offset + length)
             else:
+                self._track(fd, offset, offset + length)
                 data = _pread_full(fd, offset, length)
+        except OSError as e:
+            raise self._fail(e, f"read of {length} bytes at {offset}") from None
+        self.stats.reads += 1
+        self.stats.bytes_read += length
+        return data
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        data = self.read_now(offset, length)
+        if data is not None:
+            return data
+        fd = self._fdcheck()
+        try:
+            self._track(fd, offset, offset + length)
+            if length > self.inline_max:
+                data = await self._in_thread(_pread_full, fd, offset, length)
+            else:
+                # Other requests are queued and the page cache lacks some of
+                # this: start the disk read (readahead of exactly this range,
+                # asynchronous) and let the others start theirs before
+                # waiting: the disk then serves them all at once.
+                self.stats.reads_overlapped += 1
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                data = _pread_full(self._fdcheck(), offset, length)
         except OSError as e:
             raise self._fail(e, f"read of {length} bytes at {offset}") from None
         self.stats.reads += 1

@@ -275,8 +275,10 @@ class ReplfsOps(pyfuse3.Operations):
         if off >= node.size:
             return b""
         size = min(size, node.size - off)
-        try:
-            data = await node.read(off, size)
+        try:  # plain calls down the graph unless a layer must wait (BlockNode.read_now)
+            data = node.read_now(off, size)
+            if data is None:
+                data = await node.read(off, size)
         except Exception as exc:
             raise self._fuse_error("read", exc) from None
         io = self.io[fh]

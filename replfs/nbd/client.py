@@ -344,6 +344,13 @@ class NBDClient(BlockNode):
             raise BlockError(errno.ESHUTDOWN, f"{self.name}: client is disconnecting")
 
     async def _request(self, command: int, flags: int, offset: int, length: int, data=None):
+        p = await self._send(command, flags, offset, length, data)
+        return await self._wait(p, command, offset, length)
+
+    async def _send(self, command: int, flags: int, offset: int, length: int,
+                    data=None) -> _Pending:
+        """Queue one request and send it (unless a send is under way, which
+        takes it along); :meth:`_wait` for its reply."""
         self._check_usable()
         cookie = self._next_cookie
         self._next_cookie = cookie + 1
@@ -362,6 +369,9 @@ class NBDClient(BlockNode):
             await self._flush_out()
         else:
             self._writer_lot.unpark()
+        return p
+
+    async def _wait(self, p: _Pending, command: int, offset: int, length: int):
         if not p.done:
             p.task = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(p.abort)
@@ -376,6 +386,43 @@ class NBDClient(BlockNode):
                 f"{os.strerror(err)}",
             )
         return p.data
+
+    # -- a request sent now, its reply awaited later (the sync protocol's overlap) ---
+    async def begin_write(self, offset: int, data, fua: bool = False):
+        """Send a write now; :meth:`end` awaits its reply.  None when the
+        write is not one plain request (beyond the server's largest, or FUA
+        the server cannot do): then :meth:`write` it.  Design note: the
+        mirror sends a write to the peer before it writes the local image,
+        so the two overlap (QEMU's quorum issues both children at once)."""
+        if type(data) is not bytes and type(data) is not bytearray:
+            data = memoryview(data).cast("B")
+        length = len(data)
+        if not 0 < length <= self._max_request or offset < 0 or offset + length > self.size:
+            return None
+        flags = self._check_write(offset, length, fua)
+        if fua and not flags:
+            return None
+        p = await self._send(P.NBD_CMD_WRITE, flags, offset, length, data)
+        stats = self.stats
+        stats.writes += 1
+        stats.bytes_written += length
+        return (p, P.NBD_CMD_WRITE, offset, length)
+
+    async def begin_flush(self):
+        """Send NBD_CMD_FLUSH now (:meth:`end` awaits it); None if the server
+        has no flush (then there is nothing to wait for)."""
+        if not self.transmission_flags & P.NBD_FLAG_SEND_FLUSH:
+            if self._failure is not None:
+                raise BlockError(self._failure.errno, str(self._failure))
+            return None
+        p = await self._send(P.NBD_CMD_FLUSH, 0, 0, 0)
+        self.stats.flushes += 1
+        return (p, P.NBD_CMD_FLUSH, 0, 0)
+
+    async def end(self, started) -> None:
+        """Wait for what :meth:`begin_write` / :meth:`begin_flush` sent;
+        raises as :meth:`write` / :meth:`flush` would."""
+        await self._wait(*started)
 
     async def write_batch(self, items: list) -> None:
         """Write every ``(offset, data)`` of ``items`` (each at most the

@@ -796,7 +796,9 @@ class _Conn:
 
     # -- one handler per command: run it on the node, queue the reply ------------------
     async def _read(self, ev: Request) -> None:
-        data = await self.node.read(ev.offset, ev.length)
+        data = self.node.read_now(ev.offset, ev.length)
+        if data is None:
+            data = await self.node.read(ev.offset, ev.length)
         if len(data) != ev.length:
             raise BlockError(errno.EIO, f"node returned {len(data)} bytes for a {ev.length}-byte read")
         stats = self.server.stats

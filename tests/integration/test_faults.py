@@ -327,6 +327,10 @@ def test_kill9_at_random_points_keeps_every_fsynced_write(pair, seed):
 
     t = threading.Thread(target=writer)
     t.start()
+    # the kill lands at a random moment after the first record is acknowledged
+    # (a kill before it would check nothing; the first fsync also persists the
+    # secondary's epoch, which may take longer than the shortest draws)
+    wait_for(lambda: acked, what="the first acknowledged record")
     time.sleep(rng.uniform(0.05, 0.8))
     (p if victim == "primary" else s).kill(signal.SIGKILL)
     time.sleep(0.3)

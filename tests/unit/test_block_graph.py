@@ -238,3 +238,46 @@ def test_checkpoint_empties_both_overlays(tmp_path):
 
     trio.run(main)
     d.close()
+
+
+def test_view_reads_now_from_each_layer_and_leaves_waiting_to_read(tmp_path):
+    """``read_now`` (no await) serves the view from active, hidden or the disk;
+    it answers None, and ``read`` waits, where a layer must wait."""
+    C = 4096
+    gate = Gate()
+    d = SecondaryDisk("d", _raw(tmp_path, b"\x11" * 16 * C), tmp_path, gate, cluster_size=C)
+    view = d.view
+
+    async def main():
+        await d.export.write(0, b"\x22" * C)       # primary: old cluster 0 -> hidden
+        await view.write(2 * C, b"\x33" * C)       # secondary VM: cluster 2 -> active
+        assert view.read_now(0, C) == b"\x11" * C           # from hidden
+        assert view.read_now(C, C) == b"\x11" * C           # from the disk
+        assert view.read_now(2 * C, C) == b"\x33" * C       # from active
+        assert view.read_now(C + 100, C) is None            # active holds part of it only
+        assert await view.read(C + 100, C) == b"\x11" * (C - 100) + b"\x33" * 100
+        # A copy-before-write in progress on cluster 5 holds the cbw lock:
+        copy = d.cbw.lock.try_acquire(5, 6, True)
+        assert view.read_now(5 * C, C) is None
+        async with trio.open_nursery() as nursery:
+            got = []
+
+            async def reader():
+                got.append(await view.read(5 * C, C))
+
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not got                                   # read waits for the copy
+            d.cbw.lock.release(copy)
+        assert got == [b"\x11" * C]
+        assert view.read_now(5 * C, C) == b"\x11" * C
+        # The gate held by an action: nothing is read now.
+        async with gate.exclusive():
+            assert view.read_now(C, C) is None
+        assert view.read_now(C, C) == b"\x11" * C
+        assert view.read_now(16 * C - 1, 2) is None          # past the end: read raises
+        with pytest.raises(BlockError):
+            await view.read(16 * C - 1, 2)
+
+    trio.run(main)
+    close_graph([d.view, d.export])
