@@ -382,6 +382,7 @@ class Streamer:
         out in one send and its replies are awaited together: the per-write
         cost on the daemon's one thread is what limits this protocol)."""
         for q in qs:
+            local = q.mirror.local
             items: list[tuple[int, bytes]] = []
             size = 0
             done: list = []  # windows whose every range is in ``items`` or sent
@@ -395,7 +396,10 @@ class Streamer:
                 for a, b in ranges:
                     for x in range(a, b, CHUNK):  # bounded buffers: RSS stays flat
                         n = min(CHUNK, b - x)
-                        items.append((x, await q.mirror.local.read(x, n)))
+                        data = local.read_now(x, n)  # plain call unless it must wait
+                        if data is None:
+                            data = await local.read(x, n)
+                        items.append((x, data))
                         size += n
                         state["sent"] += n
                         if len(items) >= BATCH_REQUESTS or size >= BATCH_BYTES:
