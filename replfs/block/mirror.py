@@ -17,10 +17,9 @@ any block node in tests):
   the error, and the peer, which may have the data, is sent what the local
   image holds there once it answered, so the two stay equal (the clusters
   the write covers only in part stay in the dirty record, as all of them
-  do if that fails).  A peer
-  that cannot send a request ahead (a block node in tests, a write larger
-  than one NBD request) gets the write after the local one, and nothing if
-  that failed;
+  do if that fails).  A peer that cannot send a request ahead (a block
+  node in tests, a write larger than one NBD request) gets the write after
+  the local one, and nothing if that failed;
 * a failure of the peer (an error, a lost connection, or no answer in
   time: the primary controller's watchdog checks :meth:`oldest_request_age`)
   is *never* returned to the VM: it is handed to
