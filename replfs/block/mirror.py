@@ -120,13 +120,24 @@ class Mirror(BlockNode):
     async def send(self, peer: BlockNode, call):
         """``call(peer)``, watched by the controller's watchdog (a request
         that waits longer than the timeout fails the peer); errors raise."""
-        token = self._next_token
-        self._next_token = token + 1
-        self._inflight[token] = trio.current_time()
+        token = self._watch()
         try:
             return await call(peer)
         finally:
             del self._inflight[token]
+
+    def _watch(self) -> int:
+        """A request to the peer starts: the watchdog's token for it (the
+        caller deletes ``_inflight[token]`` when it ends)."""
+        token = self._next_token
+        self._next_token = token + 1
+        self._inflight[token] = trio.current_time()
+        return token
+
+    def _peer_failed(self, peer: BlockNode, what: str, exc: Exception) -> None:
+        """Report ``exc`` unless ``peer`` was dropped meanwhile (never to the VM)."""
+        if self.peer is peer:
+            self._on_peer_error(self, _describe(what, exc))
 
     async def _to_peer(self, what: str, call) -> bool:
         """``call(peer)``; True if the peer has it."""
@@ -136,8 +147,7 @@ class Mirror(BlockNode):
         try:
             await self.send(peer, call)
         except Exception as exc:  # never fail the VM's I/O for the peer
-            if self.peer is peer:
-                self._on_peer_error(self, _describe(what, exc))
+            self._peer_failed(peer, what, exc)
             return False
         return True
 
@@ -156,15 +166,12 @@ class Mirror(BlockNode):
         peer = self.peer
         if peer is None:
             return False
-        token = self._next_token
-        self._next_token = token + 1
-        self._inflight[token] = trio.current_time()
+        token = self._watch()
         try:
             handle = await begin(peer)
         except Exception as exc:
             del self._inflight[token]
-            if self.peer is peer:
-                self._on_peer_error(self, _describe(what, exc))
+            self._peer_failed(peer, what, exc)
             return False
         except BaseException:
             del self._inflight[token]
@@ -180,8 +187,7 @@ class Mirror(BlockNode):
         try:
             await peer.end(handle)
         except Exception as exc:  # never fail the VM's I/O for the peer
-            if self.peer is peer:
-                self._on_peer_error(self, _describe(what, exc))
+            self._peer_failed(peer, what, exc)
             return False
         finally:
             del self._inflight[token]

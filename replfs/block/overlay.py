@@ -166,21 +166,29 @@ class Overlay(BlockNode):
             yield s << shift, min(e << shift, size)
 
     # -- reads --------------------------------------------------------------------
+    def _holder(self, c0: int, c1: int) -> BlockNode | None:
+        """Who holds all of clusters ``[c0, c1)``: the backing (none is
+        allocated), the data file (all are), or None (some are)."""
+        bm = self.bitmap
+        first_set = bm.next_set(c0, c1)
+        if first_set == c1:
+            return self.backing
+        if first_set == c0 and bm.next_clear(c0, c1) == c1:
+            return self.data
+        return None
+
     async def _read(self, offset: int, length: int) -> bytes:
         c0, c1 = self.clusters(offset, length)
         lock = self.lock  # no context manager: every view read passes here twice
         req = lock.try_acquire(c0, c1, False) or await lock.acquire(c0, c1, False)
         try:
-            bm = self.bitmap
-            first_set = bm.next_set(c0, c1)
-            if first_set == c1:
-                data = await self.backing.read(offset, length)
-            elif first_set == c0 and bm.next_clear(c0, c1) == c1:
-                data = await self.data.read(offset, length)
+            node = self._holder(c0, c1)
+            if node is not None:
+                data = await node.read(offset, length)
             else:
                 end = offset + length
                 parts = []
-                for s, e, allocated in bm.runs(c0, c1):
+                for s, e, allocated in self.bitmap.runs(c0, c1):
                     a = max(offset, s << self._shift)
                     b = min(end, e << self._shift)
                     node = self.data if allocated else self.backing
@@ -202,14 +210,10 @@ class Overlay(BlockNode):
         if req is None:
             return None
         try:
-            bm = self.bitmap
-            first_set = bm.next_set(c0, c1)
-            if first_set == c1:
-                data = self.backing.read_now(offset, length)
-            elif first_set == c0 and bm.next_clear(c0, c1) == c1:
-                data = self.data.read_now(offset, length)
-            else:
+            node = self._holder(c0, c1)
+            if node is None:
                 return None
+            data = node.read_now(offset, length)
         finally:
             lock.release(req)
         if data is not None:

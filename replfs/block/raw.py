@@ -330,10 +330,13 @@ class RawImage(BlockNode):
         return bytes(buf) if n == length else None
 
     # -- I/O (the bounds are checked and empty requests dropped by BlockNode) --------
-    def _readahead(self, fd: int, offset: int, end: int) -> None:
-        """Keep ``READAHEAD`` ahead of a sequential reader (module note)."""
+    def _track(self, fd: int, offset: int, end: int) -> None:
+        """Note a read of ``[offset, end)``; keep ``READAHEAD`` ahead of a
+        sequential reader (module note)."""
         ra_end = self._ra_end
-        if offset != self._seq_next and not (ra_end - READAHEAD <= offset < ra_end):
+        sequential = offset == self._seq_next or ra_end - READAHEAD <= offset < ra_end
+        self._seq_next = end
+        if not sequential:
             return
         if ra_end > end + 2 * READAHEAD:  # a window asked for elsewhere: start afresh
             ra_end = end
@@ -345,12 +348,6 @@ class RawImage(BlockNode):
             os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
             self.stats.readaheads += 1
             self._ra_end = stop
-
-    def _track(self, fd: int, offset: int, end: int) -> None:
-        """Note a read of ``[offset, end)`` for the readahead."""
-        if offset == self._seq_next or self._ra_end - READAHEAD <= offset < self._ra_end:
-            self._readahead(fd, offset, end)
-        self._seq_next = end
 
     def read_now(self, offset: int, length: int) -> bytes | None:
         """Inline ``pread`` (what :meth:`_read` does for requests up to

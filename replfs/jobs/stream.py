@@ -258,16 +258,14 @@ class Streamer:
     def lag_bytes(self) -> int:
         """Bytes queued: the blocks written and not yet sent and cleared
         (a cluster marked some other way counts whole), every disk."""
-        return sum(q.lag_bytes for q in self.queues.values())
+        lag = 0
+        for q in self._qlist:  # no generator: every write asks (``lagging``)
+            lag += q.lag_bytes
+        return lag
 
     @property
     def lagging(self) -> bool:
-        if not self.active:
-            return False
-        lag = 0
-        for q in self._qlist:  # no generator: every write asks
-            lag += q.lag_bytes
-        return lag > self.max_lag
+        return self.active and self.lag_bytes > self.max_lag
 
     async def room(self) -> None:
         """Wait until the lag is at most ``max_lag`` (or the streamer stops)."""
